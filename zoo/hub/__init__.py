@@ -1,0 +1,5 @@
+"""Model directories (local and Hub alike)."""
+
+from zoo.hub.model_dir import load_model_dir, save_model_dir
+
+__all__ = ["load_model_dir", "save_model_dir"]

@@ -1,0 +1,121 @@
+"""The model directory: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.safetensors``).
+
+A run directory is a model directory: the trainer rewrites these files atomically at every
+checkpoint, ``model.safetensors`` holding the EMA weights and ``model_raw.safetensors`` the raw ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from zoo import __version__
+from zoo.config import ConfigError
+from zoo.io import atomic_write_json, save_safetensors
+from zoo.registry import get_entry
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+RAW_WEIGHTS_NAME = "model_raw.safetensors"
+TOKENIZER_WEIGHTS_NAME = "tokenizer.safetensors"
+
+
+def model_config_dict(recipe) -> dict[str, Any]:
+    """The ``config.json`` content describing a recipe's model (everything needed to rebuild it)."""
+    from zoo.recipe import data_info
+
+    info = data_info(recipe)
+    return {
+        "zoo_version": __version__,
+        "generator": recipe.model.to_dict(),
+        "tokenizer": recipe.tokenizer.to_dict(),
+        "objective": recipe.objective.to_dict(),
+        "data": {"name": recipe.data.name, **{k: v for k, v in info.items() if v is not None}},
+        "sample": recipe.to_dict()["sample"],
+    }
+
+
+def save_model_dir(path: str | os.PathLike, config: dict[str, Any], generator_state: dict[str, torch.Tensor],
+                   *, raw_state: dict[str, torch.Tensor] | None = None,
+                   tokenizer_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a model directory; each file is replaced atomically, weights before config."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "zoo_version": __version__}
+    save_safetensors(path / WEIGHTS_NAME, generator_state, metadata=meta)
+    if raw_state is not None:
+        save_safetensors(path / RAW_WEIGHTS_NAME, raw_state, metadata=meta)
+    if tokenizer_state:
+        save_safetensors(path / TOKENIZER_WEIGHTS_NAME, tokenizer_state, metadata=meta)
+    atomic_write_json(path / CONFIG_NAME, config)
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no {CONFIG_NAME}); pass a run directory "
+                                f"written by zoo-train or a model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_file}: not valid JSON: {err}") from None
+
+
+def _build(kind: str, section: dict[str, Any], where: str, **extra):
+    values = dict(section)
+    name = values.pop("name")
+    entry = get_entry(kind, name, where=where)
+    return entry.build(entry.make_config(values, where=where), **extra)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file and the first bad tensor."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ConfigError(f"{source}: weights do not fit the config: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                              f"the config needs {tuple(tensor.shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_model_dir(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.device = "cpu"):
+    """Rebuild the generator and tokenizer of a model directory and wrap them in a :class:`~zoo.pipeline.Pipeline`.
+
+    ``weights="ema"`` reads ``model.safetensors`` (EMA), ``"raw"`` the raw training weights.
+    """
+    from zoo.config import build_config
+    from zoo.pipeline import Pipeline
+    from zoo.recipe import SampleConfig
+
+    path = Path(path)
+    config = read_model_config(path)
+    where = str(path / CONFIG_NAME)
+    objective = _build("objective", config["objective"], f"{where}: objective")
+    generator = _build("generator", config["generator"], f"{where}: generator", objective=objective)
+    tokenizer = _build("tokenizer", config["tokenizer"], f"{where}: tokenizer")
+    file_name = {"ema": WEIGHTS_NAME, "raw": RAW_WEIGHTS_NAME}.get(weights)
+    if file_name is None:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    weights_file = path / file_name
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file}: missing (the run has not written a checkpoint yet?)")
+    load_state_strict(generator, load_file(str(weights_file)), str(weights_file))
+    tokenizer_file = path / TOKENIZER_WEIGHTS_NAME
+    if tokenizer_file.is_file():
+        load_state_strict(tokenizer, load_file(str(tokenizer_file)), str(tokenizer_file))
+    sample = build_config(SampleConfig, config.get("sample"), where=f"{where}: sample")
+    data = config.get("data", {})
+    return Pipeline(generator.to(device).eval(), tokenizer.to(device).eval(), sample,
+                    num_classes=data.get("num_classes", getattr(generator, "num_classes", None)),
+                    image_size=data.get("image_size"))

@@ -1,0 +1,48 @@
+"""Multi-head self-attention on ``scaled_dot_product_attention`` and the transformer MLP.
+
+Parameter names (``qkv``, ``proj``, ``fc1``, ``fc2``) equal timm's ``Attention``/``Mlp`` so that
+checkpoints written against timm load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Self-attention over (B, L, C) tokens with a fused qkv projection.
+
+    ``attn_mask`` (broadcastable to (B, heads, L, L); bool = keep, float = added bias) is passed
+    to ``scaled_dot_product_attention``, which picks the fastest kernel the device offers.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        qkv = self.qkv(x_BLC).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q_BHLc, k_BHLc, v_BHLc = qkv.unbind(0)
+        out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_mask)
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them (GELU-tanh in DiT)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

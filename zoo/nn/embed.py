@@ -1,0 +1,96 @@
+"""Embedders for patches, diffusion timesteps and class labels, and adaLN modulation.
+
+Parameter names (``proj``, ``mlp.0``, ``mlp.2``, ``embedding_table``) follow facebookresearch/DiT
+so that official checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def modulate(x_NTD: torch.Tensor, shift_ND: torch.Tensor, scale_ND: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` with per-sample shift/scale broadcast over tokens."""
+    # addcmul writes the result in one pass instead of materialising x * (1 + scale) first.
+    return torch.addcmul(shift_ND.unsqueeze(1), x_NTD, 1 + scale_ND.unsqueeze(1))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t·f), sin(t·f)]`` of (possibly fractional) timesteps ``t`` (N,) -> (N, dim).
+
+    Frequencies are ``exp(-log(max_period) · i / half)`` for ``i < half`` (GLIDE/DiT convention;
+    diffusers divides by ``half - 1`` instead, which changes outputs).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, hidden_size) through a sinusoidal table and a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, hidden_size), with label dropout for classifier-free guidance.
+
+    With ``dropout_prob > 0`` the table has one extra row, the null class at index ``num_classes``,
+    and in training each label is replaced by it with probability ``dropout_prob``.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a stride-``patch_size`` convolution, T = (H/p)·(W/p)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
+        if x_NCHW.shape[-2:] != self.img_size:
+            raise ValueError(f"expected inputs of spatial size {self.img_size}, got {tuple(x_NCHW.shape[-2:])}")
+        return self.proj(x_NCHW).flatten(2).transpose(1, 2)  # (N, T, D)

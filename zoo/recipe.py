@@ -1,0 +1,270 @@
+"""Recipes: YAML files that pick a generator, tokenizer, objective and dataset, and set training.
+
+A recipe has the sections ``model``, ``tokenizer``, ``objective``, ``data`` (each with a ``name``
+from the registry plus that component's config fields), ``train`` (:class:`TrainConfig`) and
+``sample`` (:class:`SampleConfig`). ``key.path=value`` overrides apply on top. Everything is
+validated before any work starts; errors name the file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zoo.config import ConfigError, build_config, config_to_dict, suggest
+from zoo.registry import Entry, get_entry
+
+COMPONENT_SECTIONS = {"model": "generator", "tokenizer": "tokenizer", "objective": "objective", "data": "dataset"}
+SECTIONS = (*COMPONENT_SECTIONS, "train", "sample")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The ``train`` section."""
+
+    seed: int = 0
+    batch_size: int = 256  # global batch, summed over processes and accumulation steps
+    grad_accum_steps: int = 1
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.0  # never applied to norms, biases, embeddings or position tables
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    # Learning-rate multipliers by parameter-name pattern, first match wins, e.g. {"y_embedder.*": 0.1}.
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"
+    compile: str = "none"  # torch.compile mode of the generator
+    num_workers: int = 0
+    log_every: int = 50
+    sample_every: int = 0  # steps between sample grids; 0: only at the end
+    ckpt_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    tensorboard: bool = True
+
+    CHOICES = {
+        "lr_schedule": ("constant", "cosine"),
+        "mixed_precision": ("no", "fp16", "bf16"),
+        "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+    }
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum_steps", "max_steps", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "ckpt_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(f"batch_size {self.batch_size} is not divisible by "
+                              f"grad_accum_steps {self.grad_accum_steps}")
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """The ``sample`` section: defaults for sample grids during training and for ``zoo-sample``."""
+
+    sampler: str = "ddpm"
+    steps: int = 250
+    cfg_scale: float = 4.0
+    eta: float = 0.0  # DDIM noise
+    clip_denoised: bool = False
+    num: int = 100  # images in the end-of-training grid
+    labels: str = "all"  # "all" cycles through the classes, or a comma list "0,3,7"
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        for name in ("steps", "num", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Component:
+    """A resolved ``model``/``tokenizer``/``objective``/``data`` section."""
+
+    name: str
+    entry: Entry
+    config: Any
+
+    def build(self, **extra):
+        return self.entry.build(self.config, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **config_to_dict(self.config)}
+
+
+@dataclasses.dataclass
+class Recipe:
+    source: str  # file the recipe came from, for messages
+    model: Component
+    tokenizer: Component
+    objective: Component
+    data: Component
+    train: TrainConfig
+    sample: SampleConfig
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: {key}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "objective": self.objective.to_dict(),
+            "data": self.data.to_dict(),
+            "train": config_to_dict(self.train),
+            "sample": config_to_dict(self.sample),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fully resolved recipe (every default spelled out) atomically."""
+        from zoo.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-4")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if len(path) < 2:
+        raise ConfigError(f"override {text!r}: the key must name a section and a field, e.g. train.lr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return path, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections {list(SECTIONS)}")
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping and resolve every section to its typed config."""
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {section}: unknown section{suggest(section, SECTIONS)} "
+                              f"(allowed: {', '.join(SECTIONS)})")
+    components = {}
+    for section, kind in COMPONENT_SECTIONS.items():
+        values = raw.get(section)
+        if section == "objective" and values is None:
+            values = {"name": "gaussian"}
+        if not isinstance(values, dict) or "name" not in values:
+            raise ConfigError(f"{source}: {section}.name: missing; every recipe names its {kind} "
+                              f"(see `zoo-train --list-models`)")
+        values = dict(values)
+        name = str(values.pop("name"))
+        entry = get_entry(kind, name, where=f"{source}: {section}.name")
+        config = entry.make_config(values, where=f"{source}: {section}")
+        components[section] = Component(name, entry, config)
+    for section in ("train", "sample"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping of fields")
+    train = build_config(TrainConfig, raw.get("train"), where=f"{source}: train")
+    sample = build_config(SampleConfig, raw.get("sample"), where=f"{source}: sample")
+    recipe = Recipe(source, components["model"], components["tokenizer"], components["objective"],
+                    components["data"], train, sample)
+    validate_combination(recipe)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate the recipe at ``path``; raises :class:`ConfigError`."""
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    return recipe_from_dict(raw, source=str(path))
+
+
+def validate_combination(recipe: Recipe) -> None:
+    """Check that the chosen components fit together (generic rules, then the generator's own)."""
+    generator_cls = recipe.model.entry.builder
+    objectives = getattr(generator_cls, "OBJECTIVES", None)
+    if objectives is not None and recipe.objective.name not in objectives:
+        raise ConfigError(f"{recipe.where('objective.name')}: {recipe.objective.name!r} does not work with "
+                          f"generator {recipe.model.name!r}; allowed: {', '.join(objectives)}")
+    tokenizer_cls = recipe.tokenizer.entry.builder
+    wanted_kind = getattr(generator_cls, "TOKENIZER_KIND", "continuous")
+    if getattr(tokenizer_cls, "kind", "continuous") != wanted_kind:
+        raise ConfigError(f"{recipe.where('tokenizer.name')}: {recipe.tokenizer.name!r} gives "
+                          f"{tokenizer_cls.kind} tokens but {recipe.model.name!r} needs a {wanted_kind} tokenizer")
+    check = getattr(generator_cls, "validate_recipe", None)
+    if check is not None:
+        check(recipe)
+
+
+def data_info(recipe: Recipe) -> dict[str, Any]:
+    """What the dataset section promises without loading data: image_size, channels, num_classes (None if unknown)."""
+    describe = getattr(recipe.data.entry.builder, "describe", None)
+    return describe(recipe.data.config) if describe is not None else {}
+
+
+def tokenizer_info(recipe: Recipe) -> dict[str, Any]:
+    """latent_channels and downsample of the tokenizer section, without building it."""
+    return recipe.tokenizer.entry.builder.describe(recipe.tokenizer.config)
+
+
+def check_latent_fit(recipe: Recipe, channels_key: str, size_key: str, classes_key: str = "num_classes") -> None:
+    """Generic check for latent generators: model channels/size/classes agree with tokenizer and data."""
+    model = recipe.model.config
+    tok = tokenizer_info(recipe)
+    data = data_info(recipe)
+    if "channels" in data and tok.get("image_channels") not in (None, data["channels"]):
+        raise ConfigError(f"{recipe.where('tokenizer')}: takes {tok['image_channels']}-channel images but the "
+                          f"dataset gives {data['channels']}-channel images; set tokenizer.channels={data['channels']}")
+    if getattr(model, channels_key) != tok["latent_channels"]:
+        raise ConfigError(f"{recipe.where('model.' + channels_key)}: {getattr(model, channels_key)} does not match "
+                          f"the {tok['latent_channels']} latent channels of tokenizer {recipe.tokenizer.name!r}; "
+                          f"set model.{channels_key}={tok['latent_channels']}")
+    if "image_size" in data:
+        if data["image_size"] % tok["downsample"]:
+            raise ConfigError(f"{recipe.where('data.image_size')}: {data['image_size']} is not divisible by the "
+                              f"tokenizer's stride {tok['downsample']}")
+        side = data["image_size"] // tok["downsample"]
+        if getattr(model, size_key) != side:
+            raise ConfigError(f"{recipe.where('model.' + size_key)}: {getattr(model, size_key)} does not match the "
+                              f"latent side {side} (data.image_size {data['image_size']} / tokenizer stride "
+                              f"{tok['downsample']}); set model.{size_key}={side}")
+    if data.get("num_classes") is not None and getattr(model, classes_key) != data["num_classes"]:
+        raise ConfigError(f"{recipe.where('model.' + classes_key)}: {getattr(model, classes_key)} but dataset "
+                          f"{recipe.data.name!r} has {data['num_classes']} classes; set "
+                          f"model.{classes_key}={data['num_classes']}")

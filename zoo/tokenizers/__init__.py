@@ -1,0 +1,7 @@
+"""Tokenizers; importing this package registers them."""
+
+from zoo.tokenizers.base import Tokenizer
+from zoo.tokenizers.kl_vae import KLVAEConfig
+from zoo.tokenizers.pixel import PixelConfig, PixelTokenizer
+
+__all__ = ["KLVAEConfig", "PixelConfig", "PixelTokenizer", "Tokenizer"]

@@ -1,0 +1,55 @@
+"""The tokenizer contract: images in [-1, 1] (N, C, H, W) <-> what a generator models.
+
+Continuous tokenizers map images to latents and carry the affine normalisation
+``latents = (z - shift_factor) * scale_factor`` (Stable Diffusion's 0.18215, MAR's 0.2325), so
+generators always see roughly unit-variance inputs. Discrete tokenizers (multi-scale VQ) add
+index-level methods on top of this.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Tokenizer(nn.Module):
+    """Base class. Subclasses implement :meth:`encode_raw` / :meth:`decode_raw` on unscaled latents."""
+
+    #: "continuous" latents or "discrete" token indices; recipes check generators against it.
+    kind: str = "continuous"
+    #: True if ``zoo-train`` can train it (it implements ``loss``).
+    trainable: bool = False
+
+    def __init__(self, latent_channels: int, downsample: int, scale_factor: float = 1.0, shift_factor: float = 0.0):
+        super().__init__()
+        self.latent_channels = latent_channels
+        self.downsample = downsample
+        self.scale_factor = scale_factor
+        self.shift_factor = shift_factor
+
+    @classmethod
+    def describe(cls, config) -> dict:
+        """Shape facts of a tokenizer built from ``config``, known without building it:
+        ``latent_channels``, ``downsample`` (spatial stride) and ``image_channels``."""
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a square image of side ``image_size``."""
+        if image_size % self.downsample:
+            raise ValueError(f"image size {image_size} is not divisible by the tokenizer's stride {self.downsample}")
+        side = image_size // self.downsample
+        return (self.latent_channels, side, side)
+
+    def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> normalised latents."""
+        return (self.encode_raw(images) - self.shift_factor) * self.scale_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in (approximately) [-1, 1]."""
+        return self.decode_raw(latents / self.scale_factor + self.shift_factor)

@@ -1,0 +1,298 @@
+"""The training loop, shared by every family: it only calls ``generator.loss`` and ``tokenizer.encode``.
+
+Exactness of resume: the batch order is a function of (seed, step) (:class:`StepBatchSampler`) and
+every step reseeds the global RNG from (seed, step, micro-batch, process), so weights, EMA,
+optimizer state and the step counter are all a run needs to continue as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from zoo.config import ConfigError
+from zoo.data.transforms import make_grid_image
+from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_dir
+from zoo.io import atomic_write, atomic_write_json, save_safetensors
+from zoo.pipeline import Pipeline, parse_labels
+from zoo.recipe import Recipe
+from zoo.train import checkpoint as ckpt
+from zoo.train.data import StepBatchSampler
+from zoo.train.ema import make_ema, update_ema
+from zoo.train.optim import lr_at, param_groups
+
+
+class LossModule(nn.Module):
+    """Wraps a generator so that Accelerate/DDP see the loss computation as the module's forward."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.generator.loss(latents, cond)
+
+
+class EpochIndexed(Dataset):
+    """Index ``epoch · n + i`` -> item ``i`` of epoch ``epoch`` (deterministic augmentation in any worker)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, len(self.dataset))
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _EpochOffsetSampler(torch.utils.data.Sampler):
+    def __init__(self, batches: StepBatchSampler):
+        self.batches = batches
+
+    def __iter__(self):
+        n = self.batches.num_items
+        step = self.batches.start_step
+        for i, batch in enumerate(self.batches):
+            epoch = self.batches.epoch_of(step + i // self.batches.accum)
+            yield [epoch * n + index for index in batch]
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+
+
+def default_run_dir(recipe_path: str) -> Path:
+    """``runs/<recipe name>``, or ``runs/<recipe name>-N`` if that already holds a run."""
+    stem = Path(recipe_path).stem
+    candidate = Path("runs") / stem
+    n = 1
+    while candidate.exists() and any(candidate.iterdir()):
+        candidate = Path("runs") / f"{stem}-{n}"
+        n += 1
+    return candidate
+
+
+class Trainer:
+    """Builds everything from a validated recipe and trains it; see :meth:`fit`."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False,
+                 progress: bool = True, cpu: bool = False):
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        if not resume and ckpt.checkpoint_root(self.run_dir).exists() and ckpt.latest_checkpoint(self.run_dir):
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
+                              f"another --run-dir")
+        if self.cfg.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+            raise ConfigError(f"{recipe.where('train.mixed_precision')}: fp16 is not supported on a CPU (PyTorch "
+                              f"has no fp16 autocast with loss scaling there); use 'bf16' or 'no'")
+        self.accelerator = Accelerator(
+            mixed_precision=self.cfg.mixed_precision,
+            log_with="tensorboard" if self.cfg.tensorboard else None,
+            project_dir=str(self.run_dir),
+            cpu=cpu,
+        )
+        acc = self.accelerator
+        torch.manual_seed(self.cfg.seed)
+
+        # Data first: a missing folder or a class-count mismatch fails before models are built.
+        self.dataset = recipe.data.build()
+        classes = getattr(self.dataset, "num_classes", None)
+        model_classes = getattr(recipe.model.config, "num_classes", None)
+        if classes is not None and model_classes is not None and classes != model_classes:
+            raise ConfigError(f"{recipe.where('model.num_classes')}: {model_classes}, but the dataset has "
+                              f"{classes} classes; set model.num_classes={classes}")
+        self.tokenizer = recipe.tokenizer.build().to(acc.device).eval()
+        self.objective = recipe.objective.build()
+        self.generator = recipe.model.build(objective=self.objective)
+        self.ema = make_ema(self.generator)
+        self.groups = param_groups(self.generator, self.cfg.weight_decay, self.cfg.lr_scale)
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
+            lr=self.cfg.lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
+        if self.cfg.compile != "none":
+            self.generator.compile(mode=self.cfg.compile)
+        self.loss_module, self.optimizer = acc.prepare(LossModule(self.generator), self.optimizer)
+        self.ema.to(acc.device)
+        self.step = 0
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _resume(self) -> None:
+        ckpt.clean_partial(self.run_dir)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise ConfigError(f"{self.run_dir}: --resume, but the run has no checkpoint yet")
+        saved_file = self.run_dir / "recipe.yaml"
+        if saved_file.is_file():
+            saved, current = yaml.safe_load(saved_file.read_text()), _comparable(self.recipe)
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            if changed:
+                self.accelerator.print(f"note: resuming with a recipe that differs in section(s) {', '.join(changed)}")
+        self.accelerator.load_state(str(latest))
+        load_state_strict(self.ema, load_file(str(latest / ckpt.EMA_NAME)), str(latest / ckpt.EMA_NAME))
+        self.step = ckpt.read_state(latest)["step"]
+        self.accelerator.print(f"resumed {self.run_dir} from {latest.name} (step {self.step})")
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        root = ckpt.checkpoint_root(self.run_dir)
+        final = root / ckpt.checkpoint_name(self.step)
+        tmp = root / (final.name + ".tmp")
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            save_safetensors(tmp / ckpt.EMA_NAME, self.ema.state_dict())
+            atomic_write_json(tmp / ckpt.STATE_NAME, {"step": self.step, "time": time.time()})
+            ckpt.finalize(tmp, final, keep=self.cfg.keep_checkpoints)
+            raw = acc.unwrap_model(self.loss_module).generator
+            save_model_dir(self.run_dir, model_config_dict(self.recipe), self.ema.state_dict(),
+                           raw_state=raw.state_dict(), tokenizer_state=self.tokenizer.state_dict())
+        acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.ema, self.tokenizer, self.recipe.sample,
+                        num_classes=getattr(self.dataset, "num_classes", None),
+                        image_size=getattr(self.dataset, "image_size", None))
+
+    def write_sample_grid(self, name: str) -> Path:
+        """Sample ``sample.num`` images from the EMA model and save a grid PNG under ``samples/``."""
+        sample = self.recipe.sample
+        pipe = self.pipeline()
+        labels = parse_labels(sample.labels, sample.num, pipe.num_classes)
+        images = pipe.generate(labels, seed=sample.seed, batch_size=sample.batch_size)
+        nrow = pipe.num_classes if sample.labels == "all" and pipe.num_classes else int(math.ceil(sample.num ** 0.5))
+        side = images.shape[-1]
+        grid = make_grid_image(images, nrow=nrow, upscale=max(1, 64 // side))
+        path = self.run_dir / "samples" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        return path
+
+    # ------------------------------------------------------------------------------ loop
+
+    def _loader(self) -> DataLoader:
+        acc = self.accelerator
+        batches = StepBatchSampler(len(self.dataset), self.cfg.batch_size, seed=self.cfg.seed,
+                                   accum=self.cfg.grad_accum_steps, rank=acc.process_index,
+                                   world=acc.num_processes, start_step=self.step)
+        return DataLoader(EpochIndexed(self.dataset), batch_sampler=_EpochOffsetSampler(batches),
+                          num_workers=self.cfg.num_workers, pin_memory=acc.device.type == "cuda",
+                          persistent_workers=False)
+
+    def _set_lr(self) -> float:
+        lr = lr_at(self.step, base_lr=self.cfg.lr, schedule=self.cfg.lr_schedule,
+                   warmup_steps=self.cfg.warmup_steps, max_steps=self.cfg.max_steps, min_lr=self.cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        return lr
+
+    def train_step(self, batch_iter) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss terms."""
+        acc = self.accelerator
+        cfg = self.cfg
+        lr = self._set_lr()
+        totals: dict[str, float] = {}
+        self.loss_module.train()
+        for micro in range(cfg.grad_accum_steps):
+            images, labels = next(batch_iter)
+            images, labels = images.to(acc.device), labels.to(acc.device)
+            torch.manual_seed(step_seed(cfg.seed, self.step, micro, acc.process_index))
+            with torch.no_grad():
+                latents = self.tokenizer.encode(images)
+            last = micro == cfg.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.loss_module)
+            with acc.autocast(), sync:
+                terms = self.loss_module(latents, labels)
+                acc.backward(terms["loss"] / cfg.grad_accum_steps)
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum_steps
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"step {self.step}: the loss is {totals['loss']}; lower train.lr or enable "
+                                     f"train.grad_clip")
+        if cfg.grad_clip > 0:
+            totals["grad_norm"] = float(acc.clip_grad_norm_(self.loss_module.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, acc.unwrap_model(self.loss_module).generator, cfg.ema_decay)
+        self.step += 1
+        totals["lr"] = lr
+        return totals
+
+    def fit(self, stop_at: int | None = None) -> Path | None:
+        """Train to ``train.max_steps``, writing logs, grids and checkpoints; returns the final grid's path.
+
+        ``stop_at`` ends the session early after checkpointing that step (an interruption on
+        purpose: the run continues with ``--resume`` exactly as if it had not stopped).
+        """
+        acc = self.accelerator
+        cfg = self.cfg
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.recipe.save(self.run_dir / "recipe.yaml")
+        if cfg.tensorboard:
+            acc.init_trackers("logs")
+        log_file = self.run_dir / "metrics.jsonl"
+        batch_iter = iter(self._loader())
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
+                   desc=self.run_dir.name, dynamic_ncols=True)
+        window_start, window_images = time.perf_counter(), 0
+        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+        while self.step < end:
+            terms = self.train_step(batch_iter)
+            window_images += cfg.batch_size
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                terms["images_per_s"] = window_images / max(elapsed, 1e-9)
+                window_start, window_images = time.perf_counter(), 0
+                acc.log({f"train/{k}": v for k, v in terms.items()}, step=self.step)
+                if acc.is_main_process:
+                    with open(log_file, "a") as handle:
+                        handle.write(json.dumps({"step": self.step, **terms}) + "\n")
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{terms['lr']:.2e}", refresh=False)
+            bar.update(1)
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps:
+                if acc.is_main_process:
+                    self.write_sample_grid(f"step-{self.step:07d}")
+        bar.close()
+        self.save_checkpoint()
+        if self.step < cfg.max_steps:
+            acc.end_training()
+            return None
+        grid = self.write_sample_grid("final") if acc.is_main_process else None
+        acc.end_training()
+        return grid
+
+
+def _comparable(recipe: Recipe) -> dict:
+    """The recipe as it reads back from its saved YAML (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def train(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``recipe`` into ``run_dir``; returns the path of the final sample grid."""
+    return Trainer(recipe, run_dir, resume=resume, progress=progress).fit()
