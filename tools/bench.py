@@ -1,0 +1,158 @@
+"""Training and sampling speed (and peak memory) of a recipe's generator: a benchmark, not a test.
+
+    python tools/bench.py RECIPE [key.path=value ...] [--batch-size 8] [--steps 5] [--what train,sample,cfg]
+
+It times what the trainer and sampler do, on random latents of the generator's input shape:
+
+- train: one optimizer step = loss (noise, forward, loss terms) + backward + AdamW, as in training;
+- cfg: one guided network evaluation (``forward_with_cfg``) on ``--cfg-batch`` inputs, where the
+  generator has one (DiT);
+- sample: a full ``generator.sample`` call with the recipe's sampling settings.
+
+Each measurement runs in a fresh subprocess so that its peak memory (RSS on a CPU, allocated
+memory on a GPU) is its own. These machines are noisy: compare only runs made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def build(recipe_path: str, overrides: list[str]):
+    from zoo.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    generator = recipe.model.build(objective=recipe.objective.build())
+    return recipe, generator
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(args) -> dict:
+    from zoo.train.optim import param_groups
+
+    torch.manual_seed(0)
+    recipe, generator = build(args.recipe, args.overrides)
+    device = args.device
+    generator.to(device)
+    if args.compile != "none":
+        generator.compile(mode=args.compile)
+    shape = generator.latent_shape
+    num_classes = getattr(generator, "num_classes", 1)
+    result = {"what": args.child, "model": recipe.model.name, "latent_shape": list(shape),
+              "params_M": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
+              "threads": torch.get_num_threads(), "device": device, "compile": args.compile}
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if args.child == "train":
+        batch = args.batch_size or recipe.train.batch_size
+        generator.train()
+        groups = param_groups(generator, recipe.train.weight_decay, {})
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                      lr=recipe.train.lr)
+        latents = torch.randn(batch, *shape, device=device)
+        labels = torch.randint(0, num_classes, (batch,), device=device)
+
+        def step():
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+                loss = generator.loss(latents, labels)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        seconds = (time.perf_counter() - start) / args.steps
+        result.update(batch=batch, seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 2))
+    elif args.child == "cfg":
+        if not hasattr(generator, "forward_with_cfg"):
+            return {**result, "skipped": "generator has no forward_with_cfg"}
+        batch = args.cfg_batch
+        generator.eval()
+        x = torch.randn(batch, *shape, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        y = torch.cat([torch.randint(0, num_classes, (batch // 2,)), torch.full((batch - batch // 2,), num_classes)])
+        with torch.no_grad():
+            for _ in range(args.warmup):
+                generator.forward_with_cfg(x, t, y.to(device), 4.0)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                generator.forward_with_cfg(x, t, y.to(device), 4.0)
+            sync()
+        seconds = (time.perf_counter() - start) / args.steps
+        result.update(batch=batch, seconds_per_call=round(seconds, 4))
+    elif args.child == "sample":
+        from zoo.pipeline import Pipeline
+
+        batch = args.sample_batch or recipe.sample.batch_size
+        generator.eval()
+        pipe = Pipeline(generator, torch.nn.Identity(), recipe.sample, num_classes=num_classes, image_size=None)
+        pipe.tokenizer.decode = lambda z: z
+        kwargs = pipe.sampling_kwargs()
+        labels = torch.arange(batch) % max(1, num_classes)
+        gen = torch.Generator(device=device).manual_seed(0)
+        generator.sample(labels[:2].to(device), generator=gen, **{**kwargs, "steps": 2})  # warm-up
+        sync()
+        start = time.perf_counter()
+        generator.sample(labels.to(device), generator=gen, **kwargs)
+        sync()
+        seconds = time.perf_counter() - start
+        result.update(batch=batch, sampling=kwargs, seconds_per_batch=round(seconds, 3),
+                      images_per_s=round(batch / seconds, 3))
+    result["peak_memory_MB"] = round(peak_memory_mb(device), 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark a recipe's generator (training and sampling speed).")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--what", default="train,cfg,sample", help="comma list of train, cfg, sample")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's)")
+    parser.add_argument("--cfg-batch", type=int, default=16)
+    parser.add_argument("--sample-batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the training step")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+    for what in args.what.split(","):
+        argv = [sys.executable, __file__, *sys.argv[1:], "--child", what]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            sys.exit(proc.returncode)
+        print(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
