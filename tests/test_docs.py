@@ -14,7 +14,7 @@ RECIPES_DOC = (ROOT / "docs" / "recipes.md").read_text()
 
 
 def documented_keys() -> set[str]:
-    return set(re.findall(r"`([a-z_]+)`", RECIPES_DOC))
+    return set(re.findall(r"`([a-z_0-9]+)`", RECIPES_DOC))
 
 
 @pytest.mark.parametrize("config_cls", [TrainConfig, SampleConfig], ids=lambda c: c.__name__)

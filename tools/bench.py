@@ -41,7 +41,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def measure(args) -> dict:
-    from zoo.train.optim import param_groups
+    from zoo.train.optim import make_optimizer
 
     torch.manual_seed(0)
     recipe, generator = build(args.recipe, args.overrides)
@@ -62,9 +62,7 @@ def measure(args) -> dict:
     if args.child == "train":
         batch = args.batch_size or recipe.train.batch_size
         generator.train()
-        groups = param_groups(generator, recipe.train.weight_decay, {})
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                      lr=recipe.train.lr)
+        optimizer, _ = make_optimizer(generator, recipe.train)
         latents = torch.randn(batch, *shape, device=device)
         labels = torch.randint(0, num_classes, (batch,), device=device)
 

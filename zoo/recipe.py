@@ -43,6 +43,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     mixed_precision: str = "no"
     compile: str = "none"  # torch.compile mode of the generator
+    allow_tf32: bool = True  # TF32 matmuls on NVIDIA GPUs, as DiT's train.py sets; no effect on a CPU
     num_workers: int = 0
     log_every: int = 50
     sample_every: int = 0  # steps between sample grids; 0: only at the end

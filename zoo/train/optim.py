@@ -43,6 +43,20 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
     return list(groups.values())
 
 
+def make_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.AdamW, list[dict]]:
+    """AdamW over :func:`param_groups` of ``model`` with the ``train`` section's settings.
+
+    Uses PyTorch's fused AdamW kernel (CPU and CUDA): one pass over each tensor instead of a
+    dozen elementwise ops per parameter, with the same update rule.
+    """
+    groups = param_groups(model, cfg.weight_decay, cfg.lr_scale)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda"}
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused)
+    return optimizer, groups
+
+
 def lr_at(step: int, *, base_lr: float, schedule: str, warmup_steps: int, max_steps: int, min_lr: float) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant or cosine to ``min_lr``."""
     if warmup_steps and step < warmup_steps:

@@ -31,7 +31,7 @@ from zoo.recipe import Recipe
 from zoo.train import checkpoint as ckpt
 from zoo.train.data import StepBatchSampler
 from zoo.train.ema import make_ema, update_ema
-from zoo.train.optim import lr_at, param_groups
+from zoo.train.optim import lr_at, make_optimizer
 
 
 class LossModule(nn.Module):
@@ -110,6 +110,8 @@ class Trainer:
             cpu=cpu,
         )
         acc = self.accelerator
+        torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
         torch.manual_seed(self.cfg.seed)
 
         # Data first: a missing folder or a class-count mismatch fails before models are built.
@@ -123,10 +125,8 @@ class Trainer:
         self.objective = recipe.objective.build()
         self.generator = recipe.model.build(objective=self.objective)
         self.ema = make_ema(self.generator)
-        self.groups = param_groups(self.generator, self.cfg.weight_decay, self.cfg.lr_scale)
-        self.optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "names"} for g in self.groups],
-            lr=self.cfg.lr, betas=self.cfg.adam_betas, eps=self.cfg.adam_eps)
+        self.generator.to(acc.device)  # the fused optimizer is built for the parameters' device
+        self.optimizer, self.groups = make_optimizer(self.generator, self.cfg)
         if self.cfg.compile != "none":
             self.generator.compile(mode=self.cfg.compile)
         self.loss_module, self.optimizer = acc.prepare(LossModule(self.generator), self.optimizer)
