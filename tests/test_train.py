@@ -125,3 +125,28 @@ def test_gradient_accumulation_equals_the_full_batch_step(tiny_recipe_file, tmp_
     full, accumulated = one_step(1), one_step(2)
     for key in full:
         torch.testing.assert_close(accumulated[key], full[key], rtol=1e-4, atol=1e-6)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tiny_recipe_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli.train", str(tiny_recipe_file), "--run-dir", str(run),
+                             "--no-progress", "--cpu", "train.max_steps=100000", "train.log_every=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "continue with --run-dir" in out
+    latest = latest_checkpoint(run)
+    assert latest is not None and 0 < int(latest.name.split("-")[1]) < 100000
+    assert not (run / "samples" / "final.png").exists()
+    trainer = Trainer(load_recipe(tiny_recipe_file, ["train.max_steps=100000"]), run, resume=True, progress=False,
+                      cpu=True)
+    assert trainer.step == int(latest.name.split("-")[1])

@@ -11,6 +11,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 from zoo.config import ConfigError
 from zoo.data.transforms import make_grid_image
 from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_dir
-from zoo.io import atomic_write, atomic_write_json, save_safetensors
+from zoo.io import atomic_write, atomic_write_json, atomic_write_text, save_safetensors
 from zoo.pipeline import Pipeline, parse_labels
 from zoo.recipe import Recipe
 from zoo.train import checkpoint as ckpt
@@ -245,7 +248,8 @@ class Trainer:
         """Train to ``train.max_steps``, writing logs, grids and checkpoints; returns the final grid's path.
 
         ``stop_at`` ends the session early after checkpointing that step (an interruption on
-        purpose: the run continues with ``--resume`` exactly as if it had not stopped).
+        purpose: the run continues with ``--resume`` exactly as if it had not stopped). A first
+        Ctrl-C does the same at the end of the current step; a second one stops at once.
         """
         acc = self.accelerator
         cfg = self.cfg
@@ -255,12 +259,36 @@ class Trainer:
         if cfg.tensorboard:
             acc.init_trackers("logs")
         log_file = self.run_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            _truncate_log(log_file, self.step)
         batch_iter = iter(self._loader())
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
                    desc=self.run_dir.name, dynamic_ncols=True)
-        window_start, window_images = time.perf_counter(), 0
         end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-        while self.step < end:
+        with _stop_on_interrupt() as interrupted:
+            self._loop(end, batch_iter, bar, log_file, interrupted)
+        bar.close()
+        self.save_checkpoint()
+        if self.step < cfg.max_steps:
+            acc.print(f"stopped at step {self.step}; continue with --run-dir {self.run_dir} --resume")
+            acc.end_training()
+            return None
+        grid = self.write_sample_grid("final") if acc.is_main_process else None
+        acc.end_training()
+        return grid
+
+    def _agreed(self, stop: bool) -> bool:
+        """True if any process was asked to stop, so that all stop after the same step."""
+        if self.accelerator.num_processes == 1:
+            return stop
+        flag = torch.tensor([float(stop)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _loop(self, end: int, batch_iter, bar, log_file: Path, interrupted) -> None:
+        acc = self.accelerator
+        cfg = self.cfg
+        window_start, window_images = time.perf_counter(), 0
+        while self.step < end and not self._agreed(interrupted()):
             terms = self.train_step(batch_iter)
             window_images += cfg.batch_size
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
@@ -278,14 +306,39 @@ class Trainer:
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps:
                 if acc.is_main_process:
                     self.write_sample_grid(f"step-{self.step:07d}")
-        bar.close()
-        self.save_checkpoint()
-        if self.step < cfg.max_steps:
-            acc.end_training()
-            return None
-        grid = self.write_sample_grid("final") if acc.is_main_process else None
-        acc.end_training()
-        return grid
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt():
+    """Within the block, the first SIGINT only raises a flag (read by calling the yielded function)
+    so the loop can finish its step and checkpoint; a second SIGINT interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from)."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        atomic_write_text(log_file, "".join(line + "\n" for line in kept))
 
 
 def _comparable(recipe: Recipe) -> dict:
