@@ -9,6 +9,7 @@ validated before any work starts; errors name the file, the key path and what is
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,11 @@ def validate_combination(recipe: Recipe) -> None:
     if getattr(tokenizer_cls, "kind", "continuous") != wanted_kind:
         raise ConfigError(f"{recipe.where('tokenizer.name')}: {recipe.tokenizer.name!r} gives "
                           f"{tokenizer_cls.kind} tokens but {recipe.model.name!r} needs a {wanted_kind} tokenizer")
+    samplers = getattr(recipe.objective.entry.builder, "SAMPLERS", None)
+    takes_sampler = "sampler" in inspect.signature(generator_cls.sample).parameters
+    if samplers and takes_sampler and recipe.sample.sampler not in samplers:
+        raise ConfigError(f"{recipe.where('sample.sampler')}: {recipe.sample.sampler!r} does not work with objective "
+                          f"{recipe.objective.name!r}; allowed: {', '.join(samplers)}")
     check = getattr(generator_cls, "validate_recipe", None)
     if check is not None:
         check(recipe)

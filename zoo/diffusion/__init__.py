@@ -145,6 +145,8 @@ class GaussianObjective(SpacedDiffusion):
         num_timesteps: number of (respaced) training timesteps.
     """
 
+    SAMPLERS = SAMPLERS  # what sample(sampler=...) accepts; recipes are checked against it
+
     def __init__(self, config: GaussianConfig | None = None):
         self.config = config if config is not None else GaussianConfig()
         super().__init__(**_diffusion_kwargs(**dataclasses.asdict(self.config)))
@@ -234,3 +236,10 @@ class GaussianObjective(SpacedDiffusion):
         return diffusion.ddim_sample_loop(model_fn, shape, noise=noise, clip_denoised=clip_denoised,
                                           model_kwargs=model_kwargs, device=noise.device, progress=progress,
                                           eta=eta, generator=generator)
+
+
+# Importing these registers the "flow" and "meanflow" objectives; they build on the helpers above.
+from zoo.diffusion.flow import FlowConfig, FlowObjective  # noqa: E402
+from zoo.diffusion.meanflow import MeanFlowConfig, MeanFlowObjective  # noqa: E402
+
+__all__ += ["FlowConfig", "FlowObjective", "MeanFlowConfig", "MeanFlowObjective"]

@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from zoo.config import ConfigError
-from zoo.nn import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from zoo.nn import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    make_norm,
+    modulate,
+    unpatchify,
+)
 from zoo.registry import create_objective, register_generator
 
 
@@ -59,13 +69,18 @@ class DiTConfig:
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the condition (adaLN-Zero, gated residuals)."""
+    """Transformer block whose norms are modulated by the condition (adaLN-Zero, gated residuals).
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    ``norm="layernorm"`` is DiT's block; MeanFlow's uses ``norm="rmsnorm"`` and ``qk_norm=True``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, norm: str = "layernorm",
+                 qk_norm: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True,
+                              qk_norm=(lambda dim: make_norm(norm, dim)) if qk_norm else None)
+        self.norm2 = make_norm(norm, hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
@@ -77,16 +92,24 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from tokens to patch pixels."""
+    """adaLN-modulated norm and a linear map from tokens to patch pixels.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    ``swap_shift_scale`` reproduces the MeanFlow seed, whose final layer computes
+    ``x · (1 + shift) + scale``; its checkpoints need that order.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, norm: str = "layernorm",
+                 swap_shift_scale: bool = False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.swap_shift_scale = swap_shift_scale
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x_NTD: torch.Tensor, c_ND: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c_ND).chunk(2, dim=1)
+        if self.swap_shift_scale:
+            shift, scale = scale, shift
         return self.linear(modulate(self.norm_final(x_NTD), shift, scale))  # (N, T, p*p*C_out)
 
 
@@ -98,7 +121,7 @@ class DiT(nn.Module):
     It is not a submodule: it holds tables, no weights.
     """
 
-    OBJECTIVES = ("gaussian",)
+    OBJECTIVES = ("gaussian", "flow")
 
     def __init__(self, config: DiTConfig, objective=None):
         super().__init__()
@@ -153,12 +176,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x_NTP: torch.Tensor) -> torch.Tensor:
         """(N, T, p·p·C) -> (N, C, H, W)."""
-        c = self.out_channels
-        p = self.patch_size
-        h = w = self.x_embedder.grid_size[0]
-        x = x_NTP.reshape(x_NTP.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x_NTP, self.out_channels, self.patch_size)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) noisy input, t (N,) timesteps, y (N,) labels -> (N, out_channels, H, W).
@@ -195,6 +213,10 @@ class DiT(nn.Module):
 
         check_latent_fit(recipe, channels_key="in_channels", size_key="input_size")
         objective = recipe.objective.config
+        predicts_variance = getattr(recipe.objective.entry.builder, "predicts_variance", None)
+        if predicts_variance is False and recipe.model.config.learn_sigma:
+            raise ConfigError(f"{recipe.where('model.learn_sigma')}: the {recipe.objective.name!r} objective "
+                              f"predicts no variance; set model.learn_sigma=false")
         if hasattr(objective, "learn_sigma") and objective.learn_sigma != recipe.model.config.learn_sigma:
             raise ConfigError(f"{recipe.where('objective.learn_sigma')}: {objective.learn_sigma} disagrees with "
                               f"model.learn_sigma={recipe.model.config.learn_sigma}; set both the same")

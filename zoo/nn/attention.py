@@ -6,6 +6,8 @@ checkpoints written against timm load unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,19 +20,24 @@ class Attention(nn.Module):
     to ``scaled_dot_product_attention``, which picks the fastest kernel the device offers.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
+                 qk_norm: Callable[[int], nn.Module] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # Per-head query/key normalisation (timm's ``qk_norm``; names ``q_norm``/``k_norm``).
+        self.q_norm = qk_norm(self.head_dim) if qk_norm is not None else nn.Identity()
+        self.k_norm = qk_norm(self.head_dim) if qk_norm is not None else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def forward(self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv = self.qkv(x_BLC).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q_BHLc, k_BHLc, v_BHLc = qkv.unbind(0)
+        q_BHLc, k_BHLc = self.q_norm(q_BHLc), self.k_norm(k_BHLc)
         out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=attn_mask)
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 

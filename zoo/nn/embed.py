@@ -36,8 +36,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> (N, hidden_size) through a sinusoidal table and a two-layer SiLU MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1.0):
         super().__init__()
+        self.time_scale = time_scale  # MeanFlow feeds t in [0, 1] and scales it by 1000 here
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -46,23 +47,31 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = timestep_embedding(t * self.time_scale if self.time_scale != 1.0 else t,
+                                    self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
     """Class labels -> (N, hidden_size), with label dropout for classifier-free guidance.
 
-    With ``dropout_prob > 0`` the table has one extra row, the null class at index ``num_classes``,
-    and in training each label is replaced by it with probability ``dropout_prob``.
+    With ``dropout_prob > 0`` (or ``null_class=True``) the table has one extra row, the null class at
+    index ``num_classes``; in training each label is replaced by it with probability ``dropout_prob``.
+    ``table_name`` names the table parameter: ``embedding_table`` in DiT, ``embedding`` in MeanFlow.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *,
+                 null_class: bool | None = None, table_name: str = "embedding_table"):
         super().__init__()
-        use_cfg_embedding = int(dropout_prob > 0)
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        use_cfg_embedding = int(dropout_prob > 0 if null_class is None else null_class)
+        self.table_name = table_name
+        setattr(self, table_name, nn.Embedding(num_classes + use_cfg_embedding, hidden_size))
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+
+    @property
+    def table(self) -> nn.Embedding:
+        return getattr(self, self.table_name)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if force_drop_ids is None:
@@ -74,7 +83,7 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)
+        return self.table(labels)
 
 
 class PatchEmbed(nn.Module):
@@ -94,3 +103,14 @@ class PatchEmbed(nn.Module):
         if x_NCHW.shape[-2:] != self.img_size:
             raise ValueError(f"expected inputs of spatial size {self.img_size}, got {tuple(x_NCHW.shape[-2:])}")
         return self.proj(x_NCHW).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+def unpatchify(x_NTP: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
+    """(N, T, p·p·C) tokens of a square grid -> (N, C, H, W) images, inverse of :class:`PatchEmbed`."""
+    n, tokens, _ = x_NTP.shape
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise ValueError(f"unpatchify needs a square token grid, got {tokens} tokens")
+    x = x_NTP.reshape(n, side, side, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, side * patch_size, side * patch_size)

@@ -1,0 +1,157 @@
+"""MFDiT: the DiT of MeanFlow (Geng et al., 2025), predicting the average velocity u(z, t, r | y).
+
+Built from DiT's own blocks and embedders, configured the way the seed implementation
+(haidog-yaqub/MeanFlow ``models/dit.py``, the version whose forward is ``(x, t, r, y) -> u``) builds
+them, so that its checkpoints load with ``strict=True`` and give the same outputs:
+
+- RMS norms with one learned gain (``ScaledRMSNorm``) in the blocks, on queries/keys and before
+  the output;
+- two time embedders (t and r, each scaling its input in [0, 1] by 1000), summed with the label
+  embedding into the condition;
+- a trainable position table initialised to the sin-cos table;
+- a label table named ``embedding`` that always holds the null class (CFG is folded into training
+  by the objective, not by label dropout inside the network);
+- a final layer that computes ``x · (1 + shift) + scale`` (the seed's argument order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from zoo.config import ConfigError
+from zoo.generators.dit import DIT_SIZES, DiTBlock, FinalLayer
+from zoo.nn import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
+from zoo.registry import create_objective, register_generator
+
+
+@dataclasses.dataclass
+class MFDiTConfig:
+    """Constructor fields of MFDiT (the seed's ``dim`` is ``hidden_size`` here, as in DiT)."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # the null class is index num_classes
+
+    CHOICES = {"patch_size": (1, 2, 4, 8, 16)}
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ConfigError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads} "
+                              f"and by 4")
+        for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class MFDiT(nn.Module):
+    """Average-velocity transformer ``forward(x, t, r, y) -> u`` (t, r in [0, 1]) from an :class:`MFDiTConfig`."""
+
+    OBJECTIVES = ("meanflow",)
+
+    def __init__(self, config: MFDiTConfig, objective=None):
+        super().__init__()
+        self.config = config
+        self.in_channels = self.out_channels = config.in_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+        self.num_classes = config.num_classes
+        dim = config.hidden_size
+
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim, time_scale=1000.0)
+        self.r_embedder = TimestepEmbedder(dim, time_scale=1000.0)
+        self.y_embedder = LabelEmbedder(config.num_classes, dim, dropout_prob=0.0, null_class=True,
+                                        table_name="embedding")
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, dim), requires_grad=True)
+        self.blocks = nn.ModuleList([
+            DiTBlock(dim, config.num_heads, config.mlp_ratio, norm="rmsnorm", qk_norm=True)
+            for _ in range(config.depth)
+        ])
+        self.final_layer = FinalLayer(dim, config.patch_size, self.out_channels, norm="rmsnorm",
+                                      swap_shift_scale=True)
+        self.initialize_weights()
+        self.objective = objective if objective is not None else create_objective("meanflow")
+
+    def initialize_weights(self) -> None:
+        """The seed's initialisation (DiT's, plus a zeroed patch bias; the r embedder keeps xavier)."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid))
+                                  .float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), t and r (N,) in [0, 1] with r <= t, y (N,) labels (num_classes = null) -> u."""
+        x_NTD = self.x_embedder(x) + self.pos_embed
+        c_ND = self.t_embedder(t) + self.r_embedder(r) + self.y_embedder(y, train=False)
+        for block in self.blocks:
+            x_NTD = block(x_NTD, c_ND)
+        return unpatchify(self.final_layer(x_NTD, c_ND), self.out_channels, self.patch_size)
+
+    # ----------------------------------------------------------------- zoo generator interface
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.config.input_size, self.config.input_size)
+
+    @classmethod
+    def validate_recipe(cls, recipe) -> None:
+        from zoo.recipe import check_latent_fit
+
+        check_latent_fit(recipe, channels_key="in_channels", size_key="input_size")
+
+    def null_labels(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(cond, self.num_classes)
+
+    def loss(self, latents: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MeanFlow loss of a batch; the objective drops labels and folds guidance in."""
+        return self.objective.loss(self, latents, dict(y=cond), uncond_kwargs=dict(y=self.null_labels(cond)))
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, *, steps: int | None = 1, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+        """Latents for labels ``cond`` in ``steps`` network evaluations (1: x = ε − u(ε, t=1, r=0))."""
+        device = self.pos_embed.device
+        if noise is None:
+            noise = torch.randn((cond.shape[0], *self.latent_shape), generator=generator,
+                                device=generator.device if generator is not None else device)
+        return self.objective.sample(self, noise.to(device), steps=steps, model_kwargs=dict(y=cond.to(device)),
+                                     progress=progress, generator=generator)
+
+
+for _size, (_depth, _width, _heads) in DIT_SIZES.items():
+    register_generator(
+        f"mfdit-{_size}/2",
+        config=MFDiTConfig,
+        defaults=dict(depth=_depth, hidden_size=_width, num_heads=_heads, patch_size=2),
+        description=f"MeanFlow DiT-{_size.upper()}/2: depth {_depth}, width {_width}, {_heads} heads",
+    )(MFDiT)
