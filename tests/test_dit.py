@@ -158,3 +158,15 @@ def test_sampling_is_deterministic_for_a_seed_and_depends_on_it(tiny_dit_overrid
     assert not torch.allclose(draw(0), draw(1))
     guided = draw(0, cfg_scale=3.0, sampler="ddim")
     assert guided.shape == (2, 1, 8, 8) and torch.isfinite(guided).all()
+
+
+def test_an_official_layout_pickle_loads_strictly_with_weights_only(tmp_path, tiny_dit_overrides):
+    # Released DiT-XL-2-*.pt files are bare state_dicts saved with torch.save; they must load with
+    # torch.load(weights_only=True) and strict=True and reproduce the saved model's outputs.
+    source = _randomize(zoo.create_model("dit-s/2", **tiny_dit_overrides)).eval()
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(source.state_dict(), path)
+    target = zoo.create_model("dit-s/2", **tiny_dit_overrides).eval()
+    target.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([4, 10])
+    assert torch.equal(target(x, t, y), source(x, t, y))

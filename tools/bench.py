@@ -4,7 +4,8 @@
 
 It times what the trainer and sampler do, on random latents of the generator's input shape:
 
-- train: one optimizer step = loss (noise, forward, loss terms) + backward + AdamW, as in training;
+- train: one optimizer step = loss (noise, forward, loss terms) + backward + AdamW, as in training,
+  also expressed in network forward passes at the same batch;
 - cfg: one guided network evaluation (``forward_with_cfg``) on ``--cfg-batch`` inputs, where the
   generator has one (DiT);
 - sample: a full ``generator.sample`` call with the recipe's sampling settings.
@@ -16,6 +17,7 @@ memory on a GPU) is its own. These machines are noisy: compare only runs made ba
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -81,7 +83,21 @@ def measure(args) -> dict:
             step()
         sync()
         seconds = (time.perf_counter() - start) / args.steps
-        result.update(batch=batch, seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 2))
+        # One network evaluation at the same batch (a 1-step, unguided sample), to express the
+        # step's cost in forward passes (a MeanFlow step pays for a JVP and a guided target).
+        generator.eval()
+        one_step = {k: v for k, v in {"steps": 1, "cfg_scale": 1.0}.items()
+                    if k in inspect.signature(generator.sample).parameters}
+        with torch.no_grad():
+            generator.sample(labels, **one_step)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                generator.sample(labels, **one_step)
+            sync()
+        forward = (time.perf_counter() - start) / args.steps
+        result.update(batch=batch, seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 2),
+                      seconds_per_forward=round(forward, 4), step_in_forward_passes=round(seconds / forward, 2))
     elif args.child == "cfg":
         if not hasattr(generator, "forward_with_cfg"):
             return {**result, "skipped": "generator has no forward_with_cfg"}

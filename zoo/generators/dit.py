@@ -113,6 +113,48 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x_NTD), shift, scale))  # (N, T, p*p*C_out)
 
 
+def init_adaln_zero(model: nn.Module, *, zero_patch_bias: bool = False) -> None:
+    """DiT's initialisation of a model with DiT's attribute layout (shared by MFDiT).
+
+    Xavier-uniform linears with zero biases, the patch projection initialised like a linear layer,
+    the sin-cos position table, N(0, 0.02) label and timestep-MLP weights, and zeroed adaLN and
+    output layers so every block starts as the identity. The patch bias keeps PyTorch's default
+    unless ``zero_patch_bias`` (the MeanFlow seed zeroes it).
+    """
+
+    def _basic_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 0)
+
+    model.apply(_basic_init)
+    grid = int(model.x_embedder.num_patches ** 0.5)
+    pos_embed = get_2d_sincos_pos_embed(model.pos_embed.shape[-1], grid)
+    model.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    if zero_patch_bias:
+        nn.init.constant_(model.x_embedder.proj.bias, 0)
+    nn.init.normal_(model.y_embedder.table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].weight, 0)
+    nn.init.constant_(model.final_layer.adaLN_modulation[-1].bias, 0)
+    nn.init.constant_(model.final_layer.linear.weight, 0)
+    nn.init.constant_(model.final_layer.linear.bias, 0)
+
+
+def draw_noise(n: int, shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal (n, *shape) drawn on the generator's device (CPU generators stay reproducible
+    whatever device the model is on), then moved to ``device``."""
+    where = generator.device if generator is not None else device
+    return torch.randn((n, *shape), generator=generator, device=where).to(device)
+
+
 class DiT(nn.Module):
     """Diffusion model with a transformer backbone, built from a :class:`DiTConfig`.
 
@@ -149,30 +191,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """The official initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        grid = int(self.x_embedder.num_patches ** 0.5)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-        # The patch projection is initialised like a linear layer, not a convolution.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        init_adaln_zero(self)
 
     def unpatchify(self, x_NTP: torch.Tensor) -> torch.Tensor:
         """(N, T, p·p·C) -> (N, C, H, W)."""
@@ -241,10 +260,7 @@ class DiT(nn.Module):
         """
         n = cond.shape[0]
         device = self.pos_embed.device
-        if noise is None:
-            noise = torch.randn((n, *self.latent_shape), generator=generator,
-                                device=generator.device if generator is not None else device)
-        noise = noise.to(device)
+        noise = draw_noise(n, self.latent_shape, generator, device) if noise is None else noise.to(device)
         cond = cond.to(device)
         if cfg_scale != 1.0:
             if self.config.class_dropout_prob <= 0:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from zoo.config import ConfigError
-from zoo.generators.dit import DIT_SIZES, DiTBlock, FinalLayer
-from zoo.nn import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, unpatchify
+from zoo.generators.dit import DIT_SIZES, DiTBlock, FinalLayer, draw_noise, init_adaln_zero
+from zoo.nn import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from zoo.registry import create_objective, register_generator
 
 
@@ -83,31 +83,8 @@ class MFDiT(nn.Module):
         self.objective = objective if objective is not None else create_objective("meanflow")
 
     def initialize_weights(self) -> None:
-        """The seed's initialisation (DiT's, plus a zeroed patch bias; the r embedder keeps xavier)."""
-
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-
-        self.apply(_basic_init)
-        grid = int(self.x_embedder.num_patches ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid))
-                                  .float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        """The seed's initialisation: DiT's, plus a zeroed patch bias (the r embedder keeps xavier)."""
+        init_adaln_zero(self, zero_patch_bias=True)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t and r (N,) in [0, 1] with r <= t, y (N,) labels (num_classes = null) -> u."""
@@ -141,10 +118,8 @@ class MFDiT(nn.Module):
                noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Latents for labels ``cond`` in ``steps`` network evaluations (1: x = ε − u(ε, t=1, r=0))."""
         device = self.pos_embed.device
-        if noise is None:
-            noise = torch.randn((cond.shape[0], *self.latent_shape), generator=generator,
-                                device=generator.device if generator is not None else device)
-        return self.objective.sample(self, noise.to(device), steps=steps, model_kwargs=dict(y=cond.to(device)),
+        noise = draw_noise(cond.shape[0], self.latent_shape, generator, device) if noise is None else noise.to(device)
+        return self.objective.sample(self, noise, steps=steps, model_kwargs=dict(y=cond.to(device)),
                                      progress=progress, generator=generator)
 
 
