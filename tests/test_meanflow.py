@@ -360,6 +360,7 @@ def test_without_a_null_condition_labels_are_kept_and_no_guidance_is_applied():
     y = torch.tensor([0, 1, 2, 3])
     out = obj.loss(model, x, {"y": y}, generator=seeded(6))
     t, r, eps, z, v, _ = hand_draws(obj, x, 6)
+    # r = t everywhere: no JVP is needed, one pass for u with the labels as given
     assert len(model.seen) == 1 and torch.equal(model.seen[0], y)
     torch.testing.assert_close(out["mse"], ((z * col(y.double() + 1) + 3 * col(t) - v) ** 2).mean())
 
@@ -432,3 +433,28 @@ def test_sample_accepts_the_meanflow_sampler_name():
     noise = torch.zeros(1, 1, 2, 2)
     out = objective().sample(lambda z, t, r: z - 0.5, noise, sampler="meanflow")
     torch.testing.assert_close(out, torch.full_like(noise, 0.5))
+
+
+def test_the_jvp_runs_only_on_examples_with_r_not_t_and_matches_the_full_batch_jvp():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+    calls = []
+
+    def model(z, t, r, y):
+        calls.append(len(z))
+        flat = torch.cat([z.flatten(1), t[:, None], r[:, None] * y[:, None].double()], dim=1)
+        return net(flat).view_as(z)
+
+    obj = objective()
+    z = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    v = torch.randn_like(z)
+    t = torch.tensor([0.9, 0.5, 0.7, 0.3], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.5, 0.1, 0.3], dtype=torch.float64)  # r != t for examples 0 and 2
+    y = torch.tensor([1, 2, 3, 4])
+    u, u_tgt = obj.prediction_and_target(model, z, t, r, v, {"y": y})
+    assert calls[0] == 2  # the JVP saw only the two examples with r != t
+    _, dudt = torch.func.jvp(lambda z_, t_, r_: model(z_, t_, r_, y), (z, t, r),
+                             (v, torch.ones_like(t), torch.zeros_like(r)))
+    expected = v - col(t - r) * dudt
+    torch.testing.assert_close(u_tgt, expected)
+    torch.testing.assert_close(u_tgt[[1, 3]], v[[1, 3]])
