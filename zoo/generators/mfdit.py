@@ -21,8 +21,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from zoo.config import ConfigError
-from zoo.generators.dit import DIT_SIZES, DiTBlock, FinalLayer, draw_noise, init_adaln_zero
+from zoo.generators.dit import (
+    DIT_SIZES,
+    DiTBlock,
+    FinalLayer,
+    check_patch_transformer,
+    draw_noise,
+    init_adaln_zero,
+)
 from zoo.nn import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from zoo.registry import create_objective, register_generator
 
@@ -43,14 +49,7 @@ class MFDiTConfig:
     CHOICES = {"patch_size": (1, 2, 4, 8, 16)}
 
     def __post_init__(self):
-        if self.input_size % self.patch_size:
-            raise ConfigError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads or self.hidden_size % 4:
-            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads} "
-                              f"and by 4")
-        for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_patch_transformer(self)
 
 
 class MFDiT(nn.Module):
