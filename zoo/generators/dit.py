@@ -28,22 +28,9 @@ from zoo.nn import (
 from zoo.registry import create_objective, register_generator
 
 
-def check_patch_transformer(config) -> None:
-    """Shape rules shared by DiT-like configs (patch grid, heads, 2-D sin-cos table, positive sizes)."""
-    if config.input_size % config.patch_size:
-        raise ConfigError(f"input_size {config.input_size} is not divisible by patch_size {config.patch_size}")
-    if config.hidden_size % config.num_heads:
-        raise ConfigError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
-    if config.hidden_size % 4:
-        raise ConfigError(f"hidden_size {config.hidden_size} must be divisible by 4 (2-D sin-cos table)")
-    for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
-
-
 @dataclasses.dataclass
-class DiTConfig:
-    """Constructor fields of DiT (names as in the official ``DiT(...)``)."""
+class PatchTransformerConfig:
+    """Fields shared by DiT-like generators (names as in the official ``DiT(...)``)."""
 
     input_size: int = 32  # latent (or pixel) side length
     patch_size: int = 2
@@ -52,18 +39,37 @@ class DiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    num_classes: int = 1000  # the null class is index num_classes
+
+    CHOICES = {"patch_size": (1, 2, 4, 8, 16)}
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ConfigError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos table)")
+        for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class DiTConfig(PatchTransformerConfig):
+    """Constructor fields of DiT: the shared ones plus label dropout, learned sigma and CFG channels."""
+
     class_dropout_prob: float = 0.1  # CFG label dropout; > 0 adds the null class row
-    num_classes: int = 1000
     learn_sigma: bool = True  # predict the variance interpolation too (2x output channels)
     # Which output channels classifier-free guidance mixes. "official" guides the first three, as
     # the released DiT code does for exact FID reproduction; "all" guides every predicted-noise
     # channel (the standard method, and the right one when in_channels != 4).
     cfg_channels: str = "official"
 
-    CHOICES = {"cfg_channels": ("official", "all"), "patch_size": (1, 2, 4, 8, 16)}
+    CHOICES = {**PatchTransformerConfig.CHOICES, "cfg_channels": ("official", "all")}
 
     def __post_init__(self):
-        check_patch_transformer(self)
+        super().__post_init__()
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 

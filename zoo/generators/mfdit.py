@@ -25,7 +25,7 @@ from zoo.generators.dit import (
     DIT_SIZES,
     DiTBlock,
     FinalLayer,
-    check_patch_transformer,
+    PatchTransformerConfig,
     draw_noise,
     init_adaln_zero,
 )
@@ -34,22 +34,8 @@ from zoo.registry import create_objective, register_generator
 
 
 @dataclasses.dataclass
-class MFDiTConfig:
+class MFDiTConfig(PatchTransformerConfig):
     """Constructor fields of MFDiT (the seed's ``dim`` is ``hidden_size`` here, as in DiT)."""
-
-    input_size: int = 32
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000  # the null class is index num_classes
-
-    CHOICES = {"patch_size": (1, 2, 4, 8, 16)}
-
-    def __post_init__(self):
-        check_patch_transformer(self)
 
 
 class MFDiT(nn.Module):
