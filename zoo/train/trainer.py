@@ -129,7 +129,7 @@ class Trainer:
         self.generator = recipe.model.build(objective=self.objective)
         self.ema = make_ema(self.generator)
         self.generator.to(acc.device)  # the fused optimizer is built for the parameters' device
-        self.optimizer, self.groups = make_optimizer(self.generator, self.cfg)
+        self.optimizer, _ = make_optimizer(self.generator, self.cfg)
         if self.cfg.compile != "none":
             self.generator.compile(mode=self.cfg.compile)
         self.loss_module, self.optimizer = acc.prepare(LossModule(self.generator), self.optimizer)
