@@ -2,6 +2,7 @@
 
 from zoo.tokenizers.base import Tokenizer
 from zoo.tokenizers.kl_vae import KLVAEConfig
+from zoo.tokenizers.msvq import MSVQConfig, MSVQTokenizer
 from zoo.tokenizers.pixel import PixelConfig, PixelTokenizer
 
-__all__ = ["KLVAEConfig", "PixelConfig", "PixelTokenizer", "Tokenizer"]
+__all__ = ["KLVAEConfig", "MSVQConfig", "MSVQTokenizer", "PixelConfig", "PixelTokenizer", "Tokenizer"]

@@ -1,0 +1,489 @@
+"""VAR's multi-scale residual VQ tokenizer (FoundationVision/VAR ``models/vqvae.py``, ``quant.py``,
+``basic_vae.py``), rewritten with the official parameter and buffer names so the released
+``vae_ch160v4096z32.pth`` loads with ``strict=True``.
+
+An image becomes a feature map ``f`` (B, Cvae, h, w) through the LDM encoder and ``quant_conv``.
+The quantiser then takes K scales from small to large: at scale k it area-downsamples the
+remaining residual to (pn_k, pn_k), picks the nearest codebook entry per cell, bicubic-upsamples
+the picked embeddings back to (h, w), passes them through a Φ conv and subtracts them from the
+residual. ``f_hat`` is the sum of the K upsampled, Φ-refined maps; the decoder draws it.
+
+The generator-facing latent (:meth:`MSVQTokenizer.encode`) is that ``f_hat`` with scale 1; VAR
+itself works on the index pyramids (:meth:`img_to_idxBl`, :meth:`idxBl_to_img`,
+``quantize.idxBl_to_var_input``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.config import ConfigError
+from zoo.registry import register_tokenizer
+from zoo.tokenizers.base import Tokenizer
+
+GROUPS = 32  # every GroupNorm of the official encoder/decoder uses 32 groups
+
+
+@dataclasses.dataclass
+class MSVQConfig:
+    """Fields of the official ``VQVAE`` constructor, plus ``ch_mult`` and ``image_channels`` that
+    the official code hard-codes ((1, 1, 2, 2, 4) and 3). The released model uses ch=160."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32  # Cvae, the width of codebook entries and of f_hat
+    ch: int = 128
+    dropout: float = 0.0
+    beta: float = 0.25  # commitment loss weight (training only)
+    using_znorm: bool = False  # nearest neighbour by cosine instead of Euclidean distance
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5  # Φ(h) = (1 - r) h + r conv(h); |r| < 1e-6 makes Φ the identity
+    share_quant_resi: int = 4  # 0: one Φ per scale, 1: one Φ for all, n: n Φs shared by nearby scales
+    default_qresi_counts: int = 0  # with share_quant_resi=0: number of Φs (0: one per scale)
+    v_patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    test_mode: bool = True  # eval() and freeze every parameter, as the official inference code does
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    image_channels: int = 3
+
+    CHOICES = {"image_channels": (1, 3, 4), "quant_conv_ks": (1, 3, 5, 7)}
+
+    def __post_init__(self):
+        if not self.ch_mult:
+            raise ConfigError("ch_mult must list at least one multiplier")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS or self.ch * m <= 0]
+        if bad:
+            raise ConfigError(f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives channel widths {bad} that "
+                              f"GroupNorm({GROUPS}) cannot split; ch * each multiplier must be a positive "
+                              f"multiple of {GROUPS} (the release uses ch=160)")
+        if self.vocab_size < 1 or self.z_channels < 1:
+            raise ConfigError(f"vocab_size and z_channels must be positive, got {self.vocab_size} and "
+                              f"{self.z_channels}")
+        pns = tuple(self.v_patch_nums)
+        if len(pns) < 2 or pns[0] < 1 or any(a >= b for a, b in zip(pns, pns[1:])):
+            raise ConfigError(f"v_patch_nums must list at least two strictly increasing positive sides, "
+                              f"got {pns}")
+        if self.share_quant_resi < 0 or self.default_qresi_counts < 0:
+            raise ConfigError("share_quant_resi and default_qresi_counts must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder / decoder blocks (LDM "vq-f16" layout; module names are the checkpoint's keys)
+# ------------------------------------------------------------------------------------------------
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
+
+
+class Upsample2x(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Downsample2x(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x):
+        # Pad right/bottom only: the LDM convention the released weights were trained with.
+        return self.conv(F.pad(x, pad=(0, 1, 0, 1), mode="constant", value=0))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        # No parameters (and so no checkpoint key) when the width does not change.
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels
+                             else nn.Identity())
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, with a fused qkv 1x1 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x_BChw):
+        B, C, H, W = x_BChw.shape
+        q, k, v = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, hw)
+        w_BLL = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C ** -0.5, dim=2)  # (B, hw_q, hw_k)
+        h_BCL = torch.bmm(v, w_BLL.transpose(1, 2))  # (B, C, hw_q)
+        return x_BChw + self.proj_out(h_BCL.reshape(B, C, H, W))
+
+
+class Encoder(nn.Module):
+    """Images (B, image_channels, H, W) -> features (B, z_channels, H/2^(L-1), W/2^(L-1)).
+    Attention follows every res block of the last (coarsest) level, and sits in the middle."""
+
+    def __init__(self, ch: int, ch_mult, z_channels: int, in_channels: int, dropout: float,
+                 num_res_blocks: int = 2):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        in_ch_mult = (1, *ch_mult)
+        self.down = nn.ModuleList()
+        for i_level in range(self.num_resolutions):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            for _ in range(num_res_blocks):
+                block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if i_level == self.num_resolutions - 1:
+                    attn.append(AttnBlock(block_in))
+            down = nn.Module()
+            down.block, down.attn = block, attn
+            if i_level != self.num_resolutions - 1:
+                down.downsample = Downsample2x(block_in)
+            self.down.append(down)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for i_level, down in enumerate(self.down):
+            for i_block in range(self.num_res_blocks):
+                h = down.block[i_block](h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if i_level != self.num_resolutions - 1:
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Features (B, z_channels, h, w) -> images (B, out_channels, h*2^(L-1), w*2^(L-1)), unclamped.
+    ``up`` is indexed by resolution level (0 = finest), as in the checkpoint, though run coarse first."""
+
+    def __init__(self, ch: int, ch_mult, z_channels: int, out_channels: int, dropout: float,
+                 num_res_blocks: int = 2):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if i_level == self.num_resolutions - 1:
+                    attn.append(AttnBlock(block_in))
+            up = nn.Module()
+            up.block, up.attn = block, attn
+            if i_level != 0:
+                up.upsample = Upsample2x(block_in)
+            self.up.insert(0, up)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for i_level in reversed(range(self.num_resolutions)):
+            up = self.up[i_level]
+            for i_block in range(self.num_res_blocks + 1):
+                h = up.block[i_block](h)
+                if len(up.attn) > 0:
+                    h = up.attn[i_block](h)
+            if i_level != 0:
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Φ: the residual refiners applied to each scale's upsampled embeddings
+# ------------------------------------------------------------------------------------------------
+
+def phi_ticks(count: int) -> np.ndarray:
+    """Positions in [0, 1] of ``count`` shared Φs. The official code places 4 Φs at
+    linspace(1/(3K), 1 - 1/(3K), K) and any other count at linspace(1/(2K), 1 - 1/(2K), K);
+    scale si of SN picks the Φ whose tick is nearest to si / (SN - 1)."""
+    if count == 4:
+        return np.linspace(1 / 3 / count, 1 - 1 / 3 / count, count)
+    return np.linspace(1 / 2 / count, 1 - 1 / 2 / count, count)
+
+
+def phi_index(ticks: np.ndarray, at_from_0_to_1: float) -> int:
+    # Float64 numpy arithmetic on purpose: with 4 ticks and 10 scales, scale 2 is an exact tie on
+    # paper (2/9 is equidistant from 1/12 and 13/36) and rounding picks Φ 1, as the release does.
+    return int(np.argmin(np.abs(ticks - at_from_0_to_1)))
+
+
+class Phi(nn.Conv2d):
+    """Φ(h) = (1 - r) h + r conv3x3(h)."""
+
+    def __init__(self, channels: int, quant_resi: float):
+        super().__init__(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.resi_ratio = abs(quant_resi)
+
+    def forward(self, h_BChw):
+        return h_BChw * (1 - self.resi_ratio) + super().forward(h_BChw) * self.resi_ratio
+
+
+class PhiShared(nn.Module):
+    """share_quant_resi=1: one Φ (key ``quant_resi.qresi``) for every scale."""
+
+    def __init__(self, qresi: nn.Module):
+        super().__init__()
+        self.qresi = qresi
+
+    def __getitem__(self, _at_from_0_to_1: float) -> nn.Module:
+        return self.qresi
+
+
+class PhiPartiallyShared(nn.Module):
+    """share_quant_resi=n>1: n Φs (keys ``quant_resi.qresi_ls.{k}``), each serving nearby scales."""
+
+    def __init__(self, qresi_ls: nn.ModuleList):
+        super().__init__()
+        self.qresi_ls = qresi_ls
+        self.ticks = phi_ticks(len(qresi_ls))
+
+    def __getitem__(self, at_from_0_to_1: float) -> nn.Module:
+        return self.qresi_ls[phi_index(self.ticks, at_from_0_to_1)]
+
+
+class PhiNonShared(nn.ModuleList):
+    """share_quant_resi=0: one Φ per scale (keys ``quant_resi.{k}``)."""
+
+    def __init__(self, qresi: list):
+        super().__init__(qresi)
+        self.ticks = phi_ticks(len(qresi))
+
+    def __getitem__(self, at_from_0_to_1: float) -> nn.Module:
+        return super().__getitem__(phi_index(self.ticks, at_from_0_to_1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The multi-scale residual quantiser
+# ------------------------------------------------------------------------------------------------
+
+class MultiScaleQuantizer(nn.Module):
+    """The official ``VectorQuantizer2`` at inference: features <-> index pyramids ``idx_Bl``
+    (one LongTensor (B, pn*pn) per scale, small to large). The largest side must equal the
+    feature map's side."""
+
+    def __init__(self, vocab_size: int, Cvae: int, using_znorm: bool, beta: float, default_qresi_counts: int,
+                 v_patch_nums, quant_resi: float, share_quant_resi: int):
+        super().__init__()
+        self.vocab_size, self.Cvae = vocab_size, Cvae
+        self.using_znorm, self.beta = using_znorm, beta
+        self.v_patch_nums = tuple(v_patch_nums)
+
+        def make_phi():
+            return Phi(Cvae, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity()
+
+        if share_quant_resi == 0:
+            self.quant_resi = PhiNonShared([make_phi() for _ in range(default_qresi_counts or len(v_patch_nums))])
+        elif share_quant_resi == 1:
+            self.quant_resi = PhiShared(make_phi())
+        else:
+            self.quant_resi = PhiPartiallyShared(nn.ModuleList([make_phi() for _ in range(share_quant_resi)]))
+        # Codebook-usage statistics of VAE training; persistent because the release stores it.
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.v_patch_nums), vocab_size))
+        self.embedding = nn.Embedding(vocab_size, Cvae)
+
+    def phi_for_scale(self, si: int, num_scales: int) -> nn.Module:
+        return self.quant_resi[si / (num_scales - 1)]
+
+    def _nearest(self, z_NC: torch.Tensor) -> torch.Tensor:
+        codebook_VC = self.embedding.weight.data
+        if self.using_znorm:
+            return torch.argmax(F.normalize(z_NC, dim=-1) @ F.normalize(codebook_VC.T, dim=0), dim=1)
+        dist_NV = z_NC.square().sum(1, keepdim=True) + codebook_VC.square().sum(1)
+        dist_NV.addmm_(z_NC, codebook_VC.T, alpha=-2, beta=1)
+        return torch.argmin(dist_NV, dim=1)
+
+    @torch.no_grad()
+    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None) -> list[torch.Tensor]:
+        """Residual quantisation of features (B, Cvae, H, W): per scale, the indices (B, pn*pn)
+        or, with ``to_fhat``, the running f_hat (B, Cvae, H, W) after that scale."""
+        B, C, H, W = f_BChw.shape
+        patch_hws = [(pn, pn) if isinstance(pn, int) else (pn[0], pn[1]) for pn in (v_patch_nums or self.v_patch_nums)]
+        if patch_hws[-1] != (H, W):
+            raise ValueError(f"the largest scale {patch_hws[-1]} must equal the feature map's side ({H}, {W}); "
+                             f"image side / downsample must be v_patch_nums[-1]")
+        f_rest = f_BChw.detach().clone()
+        f_hat = torch.zeros_like(f_rest)
+        out: list[torch.Tensor] = []
+        SN = len(patch_hws)
+        for si, (ph, pw) in enumerate(patch_hws):
+            last = si == SN - 1
+            rest_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode="area")
+            idx_N = self._nearest(rest_BChw.permute(0, 2, 3, 1).reshape(-1, C))
+            h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
+            if not last:
+                h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
+            h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
+            f_hat.add_(h_BChw)
+            f_rest.sub_(h_BChw)
+            out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, ph * pw))
+        return out
+
+    def embed_to_fhat(self, ms_h_BChw: list[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False):
+        """Per-scale embeddings (B, Cvae, pn, pn) -> f_hat after each scale (or only the last).
+        ``all_to_max_scale=False`` grows f_hat scale by scale instead (experimental in the original;
+        not what training or VAR inference does)."""
+        B, SN, side = ms_h_BChw[0].shape[0], len(self.v_patch_nums), self.v_patch_nums[-1]
+        f_hats: list[torch.Tensor] = []
+        if all_to_max_scale:
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, side, side, dtype=torch.float32)
+            for si, h_BChw in enumerate(ms_h_BChw):
+                if si < SN - 1:
+                    h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic")
+                f_hat = f_hat + self.phi_for_scale(si, SN)(h_BChw)
+                f_hats.append(f_hat)
+        else:
+            pn0 = self.v_patch_nums[0]
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
+            for si, pn in enumerate(self.v_patch_nums):
+                f_hat = F.interpolate(f_hat, size=(pn, pn), mode="bicubic") + self.phi_for_scale(si, SN)(ms_h_BChw[si])
+                f_hats.append(f_hat)
+        return f_hats[-1] if last_one else f_hats
+
+    def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor:
+        """Teacher-forcing input of VAR: for scales 1..K-1, the f_hat accumulated from the earlier
+        scales, area-downsampled to that scale's side. Returns (B, sum(pn^2) - pn_0^2, Cvae), float32."""
+        B, C, SN = gt_ms_idx_Bl[0].shape[0], self.Cvae, len(self.v_patch_nums)
+        side = self.v_patch_nums[-1]
+        f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, side, side, dtype=torch.float32)
+        next_scales = []
+        for si in range(SN - 1):
+            pn = self.v_patch_nums[si]
+            h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
+            f_hat.add_(self.phi_for_scale(si, SN)(F.interpolate(h_BChw, size=(side, side), mode="bicubic")))
+            pn_next = self.v_patch_nums[si + 1]
+            next_BlC = F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2)
+            next_scales.append(next_BlC)
+        return torch.cat(next_scales, dim=1)
+
+    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
+        """VAR sampling step: add scale ``si``'s embeddings (B, Cvae, pn, pn) to f_hat (in place) and
+        return (f_hat, the next scale's input: f_hat area-downsampled, or f_hat itself at the end)."""
+        side = self.v_patch_nums[-1]
+        if si != SN - 1:
+            f_hat.add_(self.phi_for_scale(si, SN)(F.interpolate(h_BChw, size=(side, side), mode="bicubic")))
+            pn_next = self.v_patch_nums[si + 1]
+            return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
+        f_hat.add_(self.phi_for_scale(si, SN)(h_BChw))
+        return f_hat, f_hat
+
+
+# ------------------------------------------------------------------------------------------------
+# The tokenizer
+# ------------------------------------------------------------------------------------------------
+
+@register_tokenizer("msvq", config=MSVQConfig,
+                    description="VAR multi-scale residual VQ-VAE (vae_ch160v4096z32 with ch=160)")
+class MSVQTokenizer(Tokenizer):
+    """Images in [-1, 1] <-> f_hat (B, z_channels, H/d, W/d) <-> index pyramids, d = 2^(len(ch_mult)-1).
+    Image sides must be ``v_patch_nums[-1] * d`` (256 for the release)."""
+
+    kind = "discrete"
+
+    def __init__(self, config: MSVQConfig):
+        super().__init__(latent_channels=config.z_channels, downsample=2 ** (len(config.ch_mult) - 1))
+        self.config = config
+        self.V, self.Cvae = config.vocab_size, config.z_channels
+        self.vocab_size = config.vocab_size
+        self.test_mode = config.test_mode
+        arch = dict(ch=config.ch, ch_mult=tuple(config.ch_mult), z_channels=config.z_channels, dropout=config.dropout)
+        self.encoder = Encoder(in_channels=config.image_channels, **arch)
+        self.decoder = Decoder(out_channels=config.image_channels, **arch)
+        self.quantize = MultiScaleQuantizer(
+            vocab_size=config.vocab_size, Cvae=config.z_channels, using_znorm=config.using_znorm, beta=config.beta,
+            default_qresi_counts=config.default_qresi_counts, v_patch_nums=config.v_patch_nums,
+            quant_resi=config.quant_resi, share_quant_resi=config.share_quant_resi)
+        ks = config.quant_conv_ks
+        self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
+        if self.test_mode:
+            self.eval()
+            self.requires_grad_(False)
+
+    @classmethod
+    def describe(cls, config: MSVQConfig) -> dict:
+        return {"latent_channels": config.z_channels, "downsample": 2 ** (len(config.ch_mult) - 1),
+                "image_channels": config.image_channels}
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        side = self.config.v_patch_nums[-1] * self.downsample
+        if images.ndim != 4 or images.shape[1] != self.config.image_channels or images.shape[-2:] != (side, side):
+            raise ValueError(f"msvq tokenizer: expected images (N, {self.config.image_channels}, {side}, {side}) "
+                             f"(side = v_patch_nums[-1] * downsample), got shape {tuple(images.shape)}")
+
+    def img_to_idxBl(self, images: torch.Tensor, v_patch_nums=None) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> index pyramid: one LongTensor (B, pn*pn) per scale."""
+        self._check_images(images)
+        f_BChw = self.quant_conv(self.encoder(images))
+        return self.quantize.f_to_idxBl_or_fhat(f_BChw, to_fhat=False, v_patch_nums=v_patch_nums)
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cvae, h, w) -> images clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor], same_shape: bool = True, last_one: bool = True):
+        """Index pyramid -> images in [-1, 1]: of the full pyramid (``last_one``) or one per prefix."""
+        B = ms_idx_Bl[0].shape[0]
+        ms_h_BChw = []
+        for idx_Bl in ms_idx_Bl:
+            pn = round(idx_Bl.shape[1] ** 0.5)
+            ms_h_BChw.append(self.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn))
+        f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=same_shape, last_one=last_one)
+        return self.fhat_to_img(f_hats) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+    def img_to_reconstructed_img(self, images: torch.Tensor, v_patch_nums=None, last_one: bool = False):
+        """Images -> their reconstruction after each scale (or only after all of them)."""
+        self._check_images(images)
+        f_hats = self.quantize.f_to_idxBl_or_fhat(self.quant_conv(self.encoder(images)), to_fhat=True,
+                                                  v_patch_nums=v_patch_nums)
+        return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+    def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> f_hat (B, Cvae, h, w), the quantised features after every scale."""
+        self._check_images(images)
+        return self.quantize.f_to_idxBl_or_fhat(self.quant_conv(self.encoder(images)), to_fhat=True)[-1]
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fhat_to_img(z)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # As the official loader: usage statistics saved for another number of scales are replaced
+        # by this model's own (they only matter for VAE training).
+        key = "quantize.ema_vocab_hit_SV"
+        if key in state_dict and state_dict[key].shape != self.quantize.ema_vocab_hit_SV.shape:
+            state_dict = {**state_dict, key: self.quantize.ema_vocab_hit_SV}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
