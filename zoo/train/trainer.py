@@ -217,7 +217,7 @@ class Trainer:
         acc = self.accelerator
         cfg = self.cfg
         lr = self._set_lr()
-        totals: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         self.loss_module.train()
         for micro in range(cfg.grad_accum_steps):
             images, labels = next(batch_iter)
@@ -231,7 +231,9 @@ class Trainer:
                 terms = self.loss_module(latents, labels)
                 acc.backward(terms["loss"] / cfg.grad_accum_steps)
             for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.grad_accum_steps
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum_steps
+        # One device-to-host copy for all logged terms (a .item() per term would sync a GPU each time).
+        totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"step {self.step}: the loss is {totals['loss']}; lower train.lr or enable "
                                      f"train.grad_clip")
