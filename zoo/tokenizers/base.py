@@ -53,3 +53,15 @@ class Tokenizer(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in (approximately) [-1, 1]."""
         return self.decode_raw(latents / self.scale_factor + self.shift_factor)
+
+    @torch.no_grad()
+    def training_inputs(self, images: torch.Tensor):
+        """What a generator's ``loss`` receives for these images during training (no gradient
+        reaches the tokenizer): the normalised latents by default; discrete tokenizers return what
+        their generator family trains on (msvq: the index pyramid and VAR's teacher-forcing input)."""
+        return self.encode(images)
+
+    def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training losses of the tokenizer itself (0-dim tensors, ``loss`` among them); only
+        tokenizers with ``trainable = True`` implement it."""
+        raise NotImplementedError(f"tokenizer {type(self).__name__} cannot be trained (trainable = False)")

@@ -10,11 +10,18 @@ residual. ``f_hat`` is the sum of the K upsampled, Φ-refined maps; the decoder 
 
 The generator-facing latent (:meth:`MSVQTokenizer.encode`) is that ``f_hat`` with scale 1; VAR
 itself works on the index pyramids (:meth:`img_to_idxBl`, :meth:`idxBl_to_img`,
-``quantize.idxBl_to_var_input``).
+``quantize.idxBl_to_var_input``) and gets them from :meth:`MSVQTokenizer.training_inputs`.
+
+Training (:meth:`MSVQTokenizer.loss`; the official repository ships none) is the official
+quantiser's training forward -- straight-through ``f_hat``, codebook + ``beta`` * commitment loss
+averaged over scales -- plus a pixel reconstruction loss, with two optional codebook aids: EMA
+codebook updates and dead-code restarts. The perceptual (LPIPS) and GAN terms of the paper are not
+built. The default config keeps exactly the official state_dict keys.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -27,6 +34,7 @@ from zoo.registry import register_tokenizer
 from zoo.tokenizers.base import Tokenizer
 
 GROUPS = 32  # every GroupNorm of the official encoder/decoder uses 32 groups
+EMA_EPS = 1e-5  # Laplace smoothing of the EMA codebook's cluster sizes
 
 
 @dataclasses.dataclass
@@ -48,8 +56,17 @@ class MSVQConfig:
     test_mode: bool = True  # eval() and freeze every parameter, as the official inference code does
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     image_channels: int = 3
+    # Training (not in the official constructor). The paper's loss (its eq. 5) is an L2 image term
+    # plus the VQ term; LPIPS and GAN terms are not built.
+    recon_loss: str = "l2"
+    recon_weight: float = 1.0
+    codebook_weight: float = 1.0  # weight of the quantiser's codebook + beta * commitment loss
+    ema_codebook: bool = False  # codebook moved by EMA of its assigned features instead of by gradient
+    ema_decay: float = 0.99  # decay of the EMA codebook statistics and of the code usage counts
+    restart_dead_codes: bool = False
+    dead_code_threshold: float = 1.0  # a code is dead when its EMA hit count per step falls below this
 
-    CHOICES = {"image_channels": (1, 3, 4), "quant_conv_ks": (1, 3, 5, 7)}
+    CHOICES = {"image_channels": (1, 3, 4), "quant_conv_ks": (1, 3, 5, 7), "recon_loss": ("l1", "l2")}
 
     def __post_init__(self):
         if not self.ch_mult:
@@ -68,6 +85,17 @@ class MSVQConfig:
                               f"got {pns}")
         if self.share_quant_resi < 0 or self.default_qresi_counts < 0:
             raise ConfigError("share_quant_resi and default_qresi_counts must be >= 0")
+        if self.recon_loss not in self.CHOICES["recon_loss"]:
+            raise ConfigError(f"recon_loss: {self.recon_loss!r} is not allowed; choose one of "
+                              f"{list(self.CHOICES['recon_loss'])}")
+        for name in ("beta", "recon_weight", "codebook_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must lie strictly between 0 and 1 (e.g. 0.99), got {self.ema_decay}")
+        if self.restart_dead_codes and not self.dead_code_threshold > 0:
+            raise ConfigError(f"dead_code_threshold: must be > 0 with restart_dead_codes (codes hit fewer times "
+                              f"per step, on average, are restarted), got {self.dead_code_threshold}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,17 +319,46 @@ class PhiNonShared(nn.ModuleList):
 # The multi-scale residual quantiser
 # ------------------------------------------------------------------------------------------------
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        torch.distributed.all_reduce(t)
+    return t
+
+
 class MultiScaleQuantizer(nn.Module):
-    """The official ``VectorQuantizer2`` at inference: features <-> index pyramids ``idx_Bl``
-    (one LongTensor (B, pn*pn) per scale, small to large). The largest side must equal the
-    feature map's side."""
+    """The official ``VectorQuantizer2``: features <-> index pyramids ``idx_Bl`` (one LongTensor
+    (B, pn*pn) per scale, small to large; the largest side must equal the feature map's side), and
+    its training forward (:meth:`forward`, :meth:`quantize_for_training`).
+
+    Optional codebook aids (off in the release; their buffers exist only when on, so the default
+    state_dict keeps the official keys):
+
+    - ``ema_codebook``: the codebook gets no gradient; in training mode each forward moves every code
+      to the Laplace-smoothed EMA mean of the quantiser inputs (area-downsampled residuals, of every
+      scale) assigned to it. Buffers ``ema_cluster_size`` (V,) and ``ema_embed_sum`` (V, Cvae).
+    - ``restart_dead_codes``: codes whose EMA hit count per forward (``ema_cluster_size``) is below
+      ``dead_code_threshold`` are replaced by quantiser inputs of the current batch drawn with the
+      global torch RNG (rank 0's draw is broadcast, so every process keeps the same codebook).
+
+    Statistics are summed over processes when torch.distributed is initialised.
+    """
 
     def __init__(self, vocab_size: int, Cvae: int, using_znorm: bool, beta: float, default_qresi_counts: int,
-                 v_patch_nums, quant_resi: float, share_quant_resi: int):
+                 v_patch_nums, quant_resi: float, share_quant_resi: int, ema_codebook: bool = False,
+                 ema_decay: float = 0.99, restart_dead_codes: bool = False, dead_code_threshold: float = 1.0):
         super().__init__()
         self.vocab_size, self.Cvae = vocab_size, Cvae
         self.using_znorm, self.beta = using_znorm, beta
         self.v_patch_nums = tuple(v_patch_nums)
+        self.ema_codebook, self.ema_decay = ema_codebook, ema_decay
+        self.restart_dead_codes, self.dead_code_threshold = restart_dead_codes, dead_code_threshold
+        # Number of per-scale updates of ema_vocab_hit_SV so far. Not saved, as in the official code:
+        # after a resume the first update copies instead of averaging (a logging statistic only).
+        self.record_hit = 0
 
         def make_phi():
             return Phi(Cvae, quant_resi) if abs(quant_resi) > 1e-6 else nn.Identity()
@@ -315,6 +372,11 @@ class MultiScaleQuantizer(nn.Module):
         # Codebook-usage statistics of VAE training; persistent because the release stores it.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.v_patch_nums), vocab_size))
         self.embedding = nn.Embedding(vocab_size, Cvae)
+        if ema_codebook or restart_dead_codes:
+            # Unit counts and sums equal to the codebook: the EMA starts at the initial codebook.
+            self.register_buffer("ema_cluster_size", torch.ones(vocab_size))
+        if ema_codebook:
+            self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
 
     def phi_for_scale(self, si: int, num_scales: int) -> nn.Module:
         return self.quant_resi[si / (num_scales - 1)]
@@ -326,6 +388,114 @@ class MultiScaleQuantizer(nn.Module):
         dist_NV = z_NC.square().sum(1, keepdim=True) + codebook_VC.square().sum(1)
         dist_NV.addmm_(z_NC, codebook_VC.T, alpha=-2, beta=1)
         return torch.argmin(dist_NV, dim=1)
+
+    # -------------------------------------------------------------------------------- training
+
+    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False):
+        """The official training forward: (f_hat (B, Cvae, H, W) float32 carrying a straight-through
+        gradient to ``f_BChw``, per-scale usages in percent (see :meth:`scale_usages`) or None,
+        the vq loss)."""
+        f_hat, vq_loss, _ = self.quantize_for_training(f_BChw)
+        usages = self.scale_usages(f_BChw.numel() // f_BChw.shape[1]) if ret_usages else None
+        return f_hat, usages, vq_loss
+
+    def quantize_for_training(self, f_BChw: torch.Tensor):
+        """Residual quantisation with losses: returns (f_hat_BChw, vq_loss, hit_V).
+
+        ``f_hat_BChw`` equals the quantised features in value and passes the gradient straight
+        through to ``f_BChw``. ``vq_loss`` is, averaged over scales, ``mse(f_hat_k, sg f)``
+        (trains the codebook and Φ) + ``beta * mse(sg f_hat_k, f)`` (commits the encoder), with
+        f_hat_k the running sum after scale k. ``hit_V`` (V,) counts how often each code was picked,
+        over all scales (and processes, in training). In training mode this also updates
+        ``ema_vocab_hit_SV`` and, if enabled, the EMA codebook and dead-code restarts.
+        The quantiser always runs in float32, outside autocast.
+        """
+        B, C, H, W = f_BChw.shape
+        SN = len(self.v_patch_nums)
+        if (H, W) != (self.v_patch_nums[-1],) * 2:
+            raise ValueError(f"the largest scale {self.v_patch_nums[-1]} must equal the feature map's side "
+                             f"({H}, {W}); image side / downsample must be v_patch_nums[-1]")
+        with torch.autocast(device_type=f_BChw.device.type, enabled=False):
+            f_BChw = f_BChw.float()
+            f_no_grad = f_BChw.detach()
+            f_rest = f_no_grad.clone()
+            f_hat = torch.zeros_like(f_rest)
+            # With the EMA codebook only Φ learns from the codebook loss.
+            codebook_VC = self.embedding.weight.detach() if self.ema_codebook else self.embedding.weight
+            vq_loss = f_BChw.new_zeros(())
+            hit_V = f_BChw.new_zeros(self.vocab_size)
+            inputs_NC, idx_Ns = [], []  # what each scale quantised and the codes it picked
+            for si, pn in enumerate(self.v_patch_nums):
+                last = si == SN - 1
+                rest_BChw = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+                rest_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
+                idx_N = self._nearest(rest_NC)
+                hits_V = idx_N.bincount(minlength=self.vocab_size).float()
+                if self.training:
+                    self._record_hits(si, _sum_over_processes(hits_V))
+                hit_V += hits_V
+                h_BChw = F.embedding(idx_N.view(B, pn, pn), codebook_VC).permute(0, 3, 1, 2)
+                if not last:
+                    h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
+                h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
+                f_hat = f_hat + h_BChw
+                f_rest.sub_(h_BChw.detach())
+                vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f_BChw) * self.beta + F.mse_loss(f_hat, f_no_grad)
+                inputs_NC.append(rest_NC)
+                idx_Ns.append(idx_N)
+            vq_loss = vq_loss * (1.0 / SN)
+            f_hat = (f_hat.detach() - f_no_grad) + f_BChw
+        if self.training and (self.ema_codebook or self.restart_dead_codes):
+            self._update_codebook(torch.cat(inputs_NC), torch.cat(idx_Ns), hit_V)
+        return f_hat, vq_loss, hit_V
+
+    def _record_hits(self, si: int, hits_V: torch.Tensor) -> None:
+        # The official schedule: copy on the very first call, then momentum 0.9 and, after 100
+        # per-scale updates, 0.99. The counter advances once per scale.
+        row = self.ema_vocab_hit_SV[si]
+        if self.record_hit == 0:
+            row.copy_(hits_V)
+        elif self.record_hit < 100:
+            row.mul_(0.9).add_(hits_V * 0.1)
+        else:
+            row.mul_(0.99).add_(hits_V * 0.01)
+        self.record_hit += 1
+
+    def scale_usages(self, positions_per_process: int) -> list[float]:
+        """The official per-scale usage (percent): codes whose ``ema_vocab_hit_SV`` count is at least
+        8% of an even share of the largest scale's tokens over all processes
+        (``positions_per_process`` = B*H*W of one process's batch)."""
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        margin = world * positions_per_process / self.vocab_size * 0.08
+        return [(row >= margin).float().mean().item() * 100 for row in self.ema_vocab_hit_SV]
+
+    @torch.no_grad()
+    def _update_codebook(self, inputs_NC: torch.Tensor, idx_N: torch.Tensor, hit_V: torch.Tensor) -> None:
+        """One step of the optional codebook aids from this batch's quantiser inputs (N, Cvae) and
+        their codes (N,); ``hit_V`` is already summed over processes."""
+        decay = self.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(hit_V.to(self.ema_cluster_size.dtype), alpha=1 - decay)
+        if self.ema_codebook:
+            embed_sum_VC = torch.zeros_like(self.ema_embed_sum).index_add_(
+                0, idx_N, inputs_NC.to(self.ema_embed_sum.dtype))
+            self.ema_embed_sum.mul_(decay).add_(_sum_over_processes(embed_sum_VC), alpha=1 - decay)
+            # Laplace smoothing keeps codes with (almost) no hits from dividing by zero.
+            total = self.ema_cluster_size.sum()
+            smoothed_V = (self.ema_cluster_size + EMA_EPS) / (total + self.vocab_size * EMA_EPS) * total
+            self.embedding.weight.copy_(self.ema_embed_sum / smoothed_V.unsqueeze(1))
+        if self.restart_dead_codes:
+            dead_V = self.ema_cluster_size < self.dead_code_threshold
+            num_dead = int(dead_V.sum())
+            if num_dead:
+                picks = torch.randint(inputs_NC.shape[0], (num_dead,), device=inputs_NC.device)
+                new_codes_DC = inputs_NC[picks].float()
+                if _distributed():
+                    torch.distributed.broadcast(new_codes_DC, src=0)
+                self.embedding.weight[dead_V] = new_codes_DC.to(self.embedding.weight.dtype)
+                # A restarted code starts at the threshold: it must be picked to survive.
+                self.ema_cluster_size[dead_V] = self.dead_code_threshold
+                if self.ema_codebook:
+                    self.ema_embed_sum[dead_V] = (new_codes_DC * self.dead_code_threshold).to(self.ema_embed_sum.dtype)
 
     @torch.no_grad()
     def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None) -> list[torch.Tensor]:
@@ -413,6 +583,7 @@ class MSVQTokenizer(Tokenizer):
     Image sides must be ``v_patch_nums[-1] * d`` (256 for the release)."""
 
     kind = "discrete"
+    trainable = True
 
     def __init__(self, config: MSVQConfig):
         super().__init__(latent_channels=config.z_channels, downsample=2 ** (len(config.ch_mult) - 1))
@@ -426,18 +597,30 @@ class MSVQTokenizer(Tokenizer):
         self.quantize = MultiScaleQuantizer(
             vocab_size=config.vocab_size, Cvae=config.z_channels, using_znorm=config.using_znorm, beta=config.beta,
             default_qresi_counts=config.default_qresi_counts, v_patch_nums=config.v_patch_nums,
-            quant_resi=config.quant_resi, share_quant_resi=config.share_quant_resi)
+            quant_resi=config.quant_resi, share_quant_resi=config.share_quant_resi,
+            ema_codebook=config.ema_codebook, ema_decay=config.ema_decay,
+            restart_dead_codes=config.restart_dead_codes, dead_code_threshold=config.dead_code_threshold)
         ks = config.quant_conv_ks
         self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
         if self.test_mode:
             self.eval()
-            self.requires_grad_(False)
+        self.requires_grad_(not self.test_mode)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        # An EMA codebook is never a gradient parameter: optimisers and DDP must not wait for its gradient.
+        super().requires_grad_(requires_grad)
+        if self.config.ema_codebook:
+            self.quantize.embedding.weight.requires_grad_(False)
+        return self
 
     @classmethod
     def describe(cls, config: MSVQConfig) -> dict:
+        """The base facts plus ``vocab_size`` and ``patch_nums`` (tuple of sides, small to large),
+        which a next-scale generator must share."""
         return {"latent_channels": config.z_channels, "downsample": 2 ** (len(config.ch_mult) - 1),
-                "image_channels": config.image_channels}
+                "image_channels": config.image_channels, "vocab_size": config.vocab_size,
+                "patch_nums": tuple(config.v_patch_nums)}
 
     def _check_images(self, images: torch.Tensor) -> None:
         side = self.config.v_patch_nums[-1] * self.downsample
@@ -472,6 +655,54 @@ class MSVQTokenizer(Tokenizer):
                                                   v_patch_nums=v_patch_nums)
         return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
 
+    @torch.no_grad()
+    def training_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What VAR's trainer feeds its generator: ``(gt_BL, x_BLCv_wo_first_l)`` = the index
+        pyramid concatenated over scales (B, sum pn^2) and the teacher-forcing input
+        ``quantize.idxBl_to_var_input`` (B, sum pn^2 - pn_0^2, Cvae), float32."""
+        idx_Bl = self.img_to_idxBl(images)
+        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl)
+
+    # -------------------------------------------------------------------------------- training
+
+    def forward(self, images: torch.Tensor, ret_usages: bool = False):
+        """The official training forward: (unclamped reconstruction, per-scale usages or None, vq loss)."""
+        self._check_images(images)
+        f_hat, usages, vq_loss = self.quantize(self.quant_conv(self.encoder(images)), ret_usages=ret_usages)
+        return self.decoder(self.post_quant_conv(f_hat)), usages, vq_loss
+
+    def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training losses of a batch of images (N, C, H, W) in [-1, 1], all 0-dim tensors:
+
+        - ``loss`` = ``recon_weight`` * ``recon`` + ``codebook_weight`` * ``vq`` (the one to backpropagate);
+        - ``recon``: L1 or L2 (``recon_loss``) between the images and the unclamped reconstruction
+          of the straight-through f_hat;
+        - ``vq``: the quantiser's codebook + ``beta`` * commitment loss, averaged over scales;
+        - ``usage`` (fraction of the codebook picked at least once in this batch, over all scales)
+          and ``perplexity`` (exp of the entropy of the batch's code histogram; at most
+          ``vocab_size``), detached, for logging.
+
+        Call it in training mode (``tokenizer.train().requires_grad_(True)``; ``test_mode`` freezes
+        the model at construction): only then are the usage statistics, the EMA codebook and
+        dead-code restarts updated.
+        """
+        self._check_images(images)
+        f_hat, vq_loss, hit_V = self.quantize.quantize_for_training(self.quant_conv(self.encoder(images)))
+        reconstruction = self.decoder(self.post_quant_conv(f_hat)).float()
+        if self.config.recon_loss == "l1":
+            recon = F.l1_loss(reconstruction, images.float())
+        else:
+            recon = F.mse_loss(reconstruction, images.float())
+        probs_V = hit_V / hit_V.sum()
+        entropy = -torch.special.xlogy(probs_V, probs_V).sum()
+        return {
+            "loss": self.config.recon_weight * recon + self.config.codebook_weight * vq_loss,
+            "recon": recon,
+            "vq": vq_loss,
+            "usage": (hit_V > 0).float().mean(),
+            "perplexity": entropy.exp(),
+        }
+
     def encode_raw(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> f_hat (B, Cvae, h, w), the quantised features after every scale."""
         self._check_images(images)
@@ -481,9 +712,29 @@ class MSVQTokenizer(Tokenizer):
         return self.fhat_to_img(z)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # As the official loader: usage statistics saved for another number of scales are replaced
-        # by this model's own (they only matter for VAE training).
+        """``nn.Module.load_state_dict`` that also
+
+        - casts floating tensors to this model's dtype (the release is fp32, fp16 copies circulate),
+          even with ``assign=True``;
+        - as the official loader, replaces usage statistics saved for another number of scales by
+          this model's own (they only matter for VAE training);
+        - starts absent EMA-codebook / restart statistics from the loaded codebook (unit counts), so
+          the official checkpoint loads strictly into a model with those options on.
+        """
+        own = self.state_dict(keep_vars=True)
+        metadata = getattr(state_dict, "_metadata", None)
+        state_dict = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point()
+                      else v for k, v in state_dict.items()}
         key = "quantize.ema_vocab_hit_SV"
         if key in state_dict and state_dict[key].shape != self.quantize.ema_vocab_hit_SV.shape:
-            state_dict = {**state_dict, key: self.quantize.ema_vocab_hit_SV}
+            state_dict[key] = self.quantize.ema_vocab_hit_SV.detach().clone()
+        codebook = state_dict.get("quantize.embedding.weight")
+        if codebook is not None:
+            if "quantize.ema_cluster_size" in own and "quantize.ema_cluster_size" not in state_dict:
+                state_dict["quantize.ema_cluster_size"] = torch.ones_like(own["quantize.ema_cluster_size"])
+            if "quantize.ema_embed_sum" in own and "quantize.ema_embed_sum" not in state_dict:
+                state_dict["quantize.ema_embed_sum"] = codebook.detach().clone()
+        if metadata is not None:
+            state_dict = collections.OrderedDict(state_dict)
+            state_dict._metadata = metadata
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
