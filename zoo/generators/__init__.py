@@ -2,5 +2,6 @@
 
 from zoo.generators.dit import DiT, DiTConfig
 from zoo.generators.mfdit import MFDiT, MFDiTConfig
+from zoo.generators.var import VAR, VARConfig
 
-__all__ = ["DiT", "DiTConfig", "MFDiT", "MFDiTConfig"]
+__all__ = ["DiT", "DiTConfig", "MFDiT", "MFDiTConfig", "VAR", "VARConfig"]
