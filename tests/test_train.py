@@ -150,3 +150,16 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tiny_recipe_file, tmp_
     trainer = Trainer(load_recipe(tiny_recipe_file, ["train.max_steps=100000"]), run, resume=True, progress=False,
                       cpu=True)
     assert trainer.step == int(latest.name.split("-")[1])
+
+
+def test_var_follows_its_release_weight_decay_list():
+    from zoo.registry import create_model
+    from zoo.train.optim import param_groups
+
+    model = create_model("var-d2", embed_dim=32, num_heads=2, num_classes=10, patch_nums=(1, 2), vocab_size=16,
+                         Cvae=4)
+    groups = param_groups(model, 0.05, {})
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"word_embed.weight", "class_emb.weight", "head.weight"} <= decayed
+    assert not decayed & {"pos_1LC", "pos_start", "lvl_embed.weight", "head.bias"}
+    assert not any("scale_mul" in n for n in decayed)

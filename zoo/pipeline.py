@@ -41,7 +41,7 @@ class Pipeline:
     def sampling_options(self) -> set[str]:
         """Keyword options the generator's ``sample`` accepts."""
         params = inspect.signature(self.generator.sample).parameters
-        return {n for n, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY}
+        return {n for n, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY} - {"tokenizer"}
 
     def sampling_kwargs(self, **overrides) -> dict:
         """Recipe sampling defaults the generator understands, with ``overrides`` (None = keep default).
@@ -64,6 +64,8 @@ class Pipeline:
                  **sampling) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] for ``labels`` (N,), deterministic for a fixed seed and batch size."""
         kwargs = self.sampling_kwargs(**sampling)
+        if "tokenizer" in inspect.signature(self.generator.sample).parameters:
+            kwargs["tokenizer"] = self.tokenizer  # VAR samples indices through the tokenizer's quantiser
         device = next(self.generator.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         images = []

@@ -4,6 +4,14 @@ A recipe has the sections ``model``, ``tokenizer``, ``objective``, ``data`` (eac
 from the registry plus that component's config fields), ``train`` (:class:`TrainConfig`) and
 ``sample`` (:class:`SampleConfig`). ``key.path=value`` overrides apply on top. Everything is
 validated before any work starts; errors name the file, the key path and what is allowed.
+
+Two further shapes:
+
+- a **tokenizer recipe** has no ``model`` (and no ``objective``): ``zoo-train`` trains the
+  tokenizer itself (it must be trainable, e.g. ``msvq``);
+- a generator recipe's ``tokenizer`` section may be ``{from: REF}`` instead of a name: REF is a
+  tokenizer recipe (``*.yaml``, trained first into ``RUN_DIR/tokenizer`` or reused from there), a
+  model or run directory, or a Hugging Face Hub repo id whose ``config.json`` has a tokenizer.
 """
 
 from __future__ import annotations
@@ -88,8 +96,15 @@ class SampleConfig:
     labels: str = "all"  # "all" cycles through the classes, or a comma list "0,3,7"
     seed: int = 0
     batch_size: int = 64
+    top_k: int = 0  # VAR: keep the k most likely tokens (0 = all)
+    top_p: float = 0.0  # VAR: keep the smallest set of tokens with this much probability (0 = all)
+    more_smooth: bool = False  # VAR: Gumbel-softmax blending of embeddings (smoother, less faithful)
 
     def __post_init__(self):
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
         for name in ("steps", "num", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,27 +126,49 @@ class Component:
 
 
 @dataclasses.dataclass
+class TokenizerSource:
+    """Where a generator recipe's tokenizer weights come from (``tokenizer: {from: REF}``)."""
+
+    ref: str  # as written in the recipe
+    kind: str  # "recipe" (train it first), "model_dir" (a local directory) or "hub" (a repo id)
+    path: str  # the resolved recipe file or directory; the repo id for "hub"
+    recipe: Recipe | None = None  # the tokenizer recipe, for kind "recipe"
+
+
+@dataclasses.dataclass
 class Recipe:
     source: str  # file the recipe came from, for messages
-    model: Component
+    model: Component | None  # None: a tokenizer recipe (the tokenizer is what gets trained)
     tokenizer: Component
-    objective: Component
+    objective: Component | None  # None: the generator uses no objective (VAR), or a tokenizer recipe
     data: Component
     train: TrainConfig
     sample: SampleConfig
+    tokenizer_source: TokenizerSource | None = None
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        return self.model is None
 
     def where(self, key: str) -> str:
         return f"{self.source}: {key}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.to_dict(),
-            "tokenizer": self.tokenizer.to_dict(),
-            "objective": self.objective.to_dict(),
-            "data": self.data.to_dict(),
-            "train": config_to_dict(self.train),
-            "sample": config_to_dict(self.sample),
-        }
+        out: dict[str, Any] = {}
+        if self.model is not None:
+            out["model"] = self.model.to_dict()
+        if self.tokenizer_source is not None:
+            # The resolved path, so the saved recipe reads back from any working directory.
+            ref = self.tokenizer_source.path
+            out["tokenizer"] = {"from": ref if self.tokenizer_source.kind == "hub" else str(Path(ref).resolve())}
+        else:
+            out["tokenizer"] = self.tokenizer.to_dict()
+        if self.objective is not None:
+            out["objective"] = self.objective.to_dict()
+        out["data"] = self.data.to_dict()
+        out["train"] = config_to_dict(self.train)
+        out["sample"] = config_to_dict(self.sample)
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fully resolved recipe (every default spelled out) atomically."""
@@ -181,34 +218,101 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+def _component(kind: str, section: str, values: dict[str, Any], source: str) -> Component:
+    values = dict(values)
+    name = str(values.pop("name"))
+    entry = get_entry(kind, name, where=f"{source}: {section}.name")
+    return Component(name, entry, entry.make_config(values, where=f"{source}: {section}"))
+
+
+def _section(raw: dict[str, Any], section: str, source: str) -> dict[str, Any]:
+    values = raw.get(section)
+    if not isinstance(values, dict) or "name" not in values:
+        raise ConfigError(f"{source}: {section}.name: missing; every recipe names its "
+                          f"{COMPONENT_SECTIONS[section]} (see `zoo-train --list-models`)")
+    return values
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, _seen: tuple[str, ...] = ()) -> Recipe:
     """Validate a recipe mapping and resolve every section to its typed config."""
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"{source}: {section}: unknown section{suggest(section, SECTIONS)} "
                               f"(allowed: {', '.join(SECTIONS)})")
-    components = {}
-    for section, kind in COMPONENT_SECTIONS.items():
-        values = raw.get(section)
-        if section == "objective" and values is None:
-            values = {"name": "gaussian"}
-        if not isinstance(values, dict) or "name" not in values:
-            raise ConfigError(f"{source}: {section}.name: missing; every recipe names its {kind} "
-                              f"(see `zoo-train --list-models`)")
-        values = dict(values)
-        name = str(values.pop("name"))
-        entry = get_entry(kind, name, where=f"{source}: {section}.name")
-        config = entry.make_config(values, where=f"{source}: {section}")
-        components[section] = Component(name, entry, config)
+    model = None
+    if raw.get("model") is not None:
+        model = _component("generator", "model", _section(raw, "model", source), source)
+    tokenizer_values = raw.get("tokenizer")
+    tokenizer_source = None
+    if isinstance(tokenizer_values, dict) and "from" in tokenizer_values:
+        if model is None:
+            raise ConfigError(f"{source}: tokenizer.from: a tokenizer recipe trains its tokenizer and cannot take "
+                              f"it from elsewhere; name it (tokenizer.name) and give its fields")
+        extra = sorted(k for k in tokenizer_values if k != "from")
+        if extra:
+            raise ConfigError(f"{source}: tokenizer: with 'from' the tokenizer's name and fields come from "
+                              f"{tokenizer_values['from']!r}; remove {extra}")
+        tokenizer_source, tokenizer_values = resolve_tokenizer_source(str(tokenizer_values["from"]), source, _seen)
+    tokenizer = _component("tokenizer", "tokenizer", _section({"tokenizer": tokenizer_values}, "tokenizer", source),
+                           source)
+    objective = None
+    objectives = getattr(model.entry.builder, "OBJECTIVES", None) if model is not None else ()
+    if raw.get("objective") is not None:
+        if objectives == ():
+            what = f"generator {model.name!r} uses" if model is not None else "a tokenizer recipe has"
+            raise ConfigError(f"{source}: objective: {what} no objective; remove the section")
+        objective = _component("objective", "objective", _section(raw, "objective", source), source)
+    elif objectives != ():
+        objective = _component("objective", "objective", {"name": "gaussian"}, source)
+    data = _component("dataset", "data", _section(raw, "data", source), source)
     for section in ("train", "sample"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: {section}: expected a mapping of fields")
     train = build_config(TrainConfig, raw.get("train"), where=f"{source}: train")
     sample = build_config(SampleConfig, raw.get("sample"), where=f"{source}: sample")
-    recipe = Recipe(source, components["model"], components["tokenizer"], components["objective"],
-                    components["data"], train, sample)
+    recipe = Recipe(source, model, tokenizer, objective, data, train, sample, tokenizer_source)
     validate_combination(recipe)
     return recipe
+
+
+def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = ()):
+    """``tokenizer.from`` -> (TokenizerSource, the tokenizer section ``{name, fields}``) without building it."""
+    where = f"{source}: tokenizer.from"
+    candidates = [Path(ref)] if Path(ref).is_absolute() else [Path(source).parent / ref, Path(ref)]
+    local = next((c for c in candidates if c.exists()), None)
+    if ref.endswith((".yaml", ".yml")):
+        if local is None or not local.is_file():
+            raise ConfigError(f"{where}: tokenizer recipe {ref!r} not found (looked in "
+                              f"{', '.join(str(c) for c in candidates)})")
+        key = str(local.resolve())
+        if key in seen:
+            raise ConfigError(f"{where}: {ref!r} refers back to itself")
+        sub = recipe_from_dict(read_yaml(local), source=str(local), _seen=(*seen, key))
+        if not sub.trains_tokenizer:
+            raise ConfigError(f"{where}: {local} is a generator recipe; 'from' takes a tokenizer recipe (one "
+                              f"without a model section), a model directory or a Hub repo id")
+        return TokenizerSource(ref, "recipe", str(local), sub), sub.tokenizer.to_dict()
+    if local is not None:
+        from zoo.hub.model_dir import read_model_config
+
+        if not local.is_dir():
+            raise ConfigError(f"{where}: {local} is a file; give a tokenizer recipe (.yaml) or a model directory")
+        config = read_model_config(local)
+        kind = "model_dir"
+        path = str(local)
+    elif ref.count("/") == 1 and not ref.startswith((".", "/")):
+        from zoo.hub.model_dir import read_hub_config
+
+        config = read_hub_config(ref, where=where)
+        kind = "hub"
+        path = ref
+    else:
+        raise ConfigError(f"{where}: {ref!r} is neither a tokenizer recipe (.yaml), an existing directory nor a "
+                          f"Hub repo id (org/name)")
+    section = config.get("tokenizer")
+    if not isinstance(section, dict) or "name" not in section:
+        raise ConfigError(f"{where}: the config.json of {ref!r} describes no tokenizer")
+    return TokenizerSource(ref, kind, path), section
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -219,9 +323,22 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def validate_combination(recipe: Recipe) -> None:
     """Check that the chosen components fit together (generic rules, then the generator's own)."""
+    if recipe.model is None:
+        tokenizer_cls = recipe.tokenizer.entry.builder
+        if not getattr(tokenizer_cls, "trainable", False):
+            raise ConfigError(f"{recipe.where('tokenizer.name')}: a recipe without a model section trains its "
+                              f"tokenizer, but {recipe.tokenizer.name!r} cannot be trained by zoo-train")
+        data, tok = data_info(recipe), tokenizer_info(recipe)
+        if "channels" in data and tok.get("image_channels") not in (None, data["channels"]):
+            raise ConfigError(f"{recipe.where('tokenizer.image_channels')}: {tok['image_channels']}, but the "
+                              f"dataset gives {data['channels']}-channel images")
+        check = getattr(tokenizer_cls, "validate_recipe", None)
+        if check is not None:
+            check(recipe)
+        return
     generator_cls = recipe.model.entry.builder
     objectives = getattr(generator_cls, "OBJECTIVES", None)
-    if objectives is not None and recipe.objective.name not in objectives:
+    if objectives and recipe.objective.name not in objectives:
         raise ConfigError(f"{recipe.where('objective.name')}: {recipe.objective.name!r} does not work with "
                           f"generator {recipe.model.name!r}; allowed: {', '.join(objectives)}")
     tokenizer_cls = recipe.tokenizer.entry.builder
@@ -229,7 +346,7 @@ def validate_combination(recipe: Recipe) -> None:
     if getattr(tokenizer_cls, "kind", "continuous") != wanted_kind:
         raise ConfigError(f"{recipe.where('tokenizer.name')}: {recipe.tokenizer.name!r} gives "
                           f"{tokenizer_cls.kind} tokens but {recipe.model.name!r} needs a {wanted_kind} tokenizer")
-    samplers = getattr(recipe.objective.entry.builder, "SAMPLERS", None)
+    samplers = getattr(recipe.objective.entry.builder, "SAMPLERS", None) if recipe.objective else None
     takes_sampler = "sampler" in inspect.signature(generator_cls.sample).parameters
     if samplers and takes_sampler and recipe.sample.sampler not in samplers:
         raise ConfigError(f"{recipe.where('sample.sampler')}: {recipe.sample.sampler!r} does not work with objective "

@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="number of sampling steps")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--top-k", type=int, default=None, help="VAR: sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="VAR: nucleus sampling mass (0 = off)")
+    p.add_argument("--more-smooth", action="store_true", default=None,
+                   help="VAR: Gumbel-softmax blending of token embeddings")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -36,13 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from zoo.data.transforms import make_grid_image, to_uint8
-        from zoo.hub.model_dir import load_model_dir
+        from zoo.hub.model_dir import load_model_dir, read_model_config
         from zoo.io import atomic_write
         from zoo.pipeline import parse_labels
 
         out = Path(args.out)
         if out.suffix not in (".png", ".npz"):
             raise ValueError(f"--out {out}: the file must end in .png (grid) or .npz (arrays)")
+        if "generator" not in read_model_config(args.model_dir):  # a tokenizer's run: show reconstructions
+            from zoo.cli.reconstruct import main as reconstruct
+
+            if out.suffix != ".png":
+                raise ValueError(f"--out {out}: {args.model_dir} holds a tokenizer; its check writes a .png")
+            return reconstruct([args.model_dir, "--out", str(out), "--weights", args.weights,
+                                *(["--num", str(args.num)] if args.num else []),
+                                *(["--device", args.device] if args.device else [])])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_model_dir(args.model_dir, weights=args.weights, device=device)
         defaults = pipe.sample_config
@@ -54,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         images = pipe.generate(
             labels, seed=defaults.seed if args.seed is None else args.seed,
             batch_size=args.batch_size or defaults.batch_size, progress=True,
-            sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta)
+            sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
+            top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
             arrays = {"arr_0": to_uint8(images), "arr_1": labels.numpy().astype(np.int64)}

@@ -13,7 +13,7 @@ from zoo.cli.common import run_cli
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="zoo-train", description="Train the generator described by a recipe.",
+        prog="zoo-train", description="Train the generator (or tokenizer) described by a recipe.",
         epilog="Overrides: section.field=value, e.g. train.max_steps=200 model.depth=4. "
                "Multi-GPU: accelerate launch -m zoo.cli.train RECIPE ...")
     parser.add_argument("recipe", nargs="?", help="recipe YAML, e.g. recipes/dit_digits.yaml")
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         grid = trainer.fit()
         if trainer.accelerator.is_main_process:
             print(f"run directory: {run_dir}")
-            print(f"sample grid: {grid}")
+            if grid is not None:
+                kind = "reconstructions (originals above)" if recipe.trains_tokenizer else "sample grid"
+                print(f"{kind}: {grid}")
         return 0
 
     return run_cli(body, "zoo-train")

@@ -2,6 +2,8 @@
 
 A run directory is a model directory: the trainer rewrites these files atomically at every
 checkpoint, ``model.safetensors`` holding the EMA weights and ``model_raw.safetensors`` the raw ones.
+A tokenizer's run directory has no generator: its ``config.json`` has no ``generator`` section and
+its weights are ``tokenizer.safetensors`` (EMA) and ``tokenizer_raw.safetensors``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 RAW_WEIGHTS_NAME = "model_raw.safetensors"
 TOKENIZER_WEIGHTS_NAME = "tokenizer.safetensors"
+TOKENIZER_RAW_WEIGHTS_NAME = "tokenizer_raw.safetensors"
 
 
 def model_config_dict(recipe) -> dict[str, Any]:
@@ -30,28 +33,35 @@ def model_config_dict(recipe) -> dict[str, Any]:
     from zoo.recipe import data_info
 
     info = data_info(recipe)
-    return {
-        "zoo_version": __version__,
-        "generator": recipe.model.to_dict(),
-        "tokenizer": recipe.tokenizer.to_dict(),
-        "objective": recipe.objective.to_dict(),
-        "data": {"name": recipe.data.name, **{k: v for k, v in info.items() if v is not None}},
-        "sample": recipe.to_dict()["sample"],
-    }
+    out: dict[str, Any] = {"zoo_version": __version__}
+    if recipe.model is not None:
+        out["generator"] = recipe.model.to_dict()
+    out["tokenizer"] = recipe.tokenizer.to_dict()
+    if recipe.objective is not None:
+        out["objective"] = recipe.objective.to_dict()
+    out["data"] = {"name": recipe.data.name, **{k: v for k, v in info.items() if v is not None}}
+    if recipe.model is not None:
+        out["sample"] = recipe.to_dict()["sample"]
+    return out
 
 
-def save_model_dir(path: str | os.PathLike, config: dict[str, Any], generator_state: dict[str, torch.Tensor],
+def save_model_dir(path: str | os.PathLike, config: dict[str, Any], generator_state: dict[str, torch.Tensor] | None,
                    *, raw_state: dict[str, torch.Tensor] | None = None,
-                   tokenizer_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write a model directory; each file is replaced atomically, weights before config."""
+                   tokenizer_state: dict[str, torch.Tensor] | None = None,
+                   tokenizer_raw_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a model directory; each file is replaced atomically, weights before config.
+    ``generator_state=None`` writes a tokenizer's directory."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", "zoo_version": __version__}
-    save_safetensors(path / WEIGHTS_NAME, generator_state, metadata=meta)
+    if generator_state is not None:
+        save_safetensors(path / WEIGHTS_NAME, generator_state, metadata=meta)
     if raw_state is not None:
         save_safetensors(path / RAW_WEIGHTS_NAME, raw_state, metadata=meta)
     if tokenizer_state:
         save_safetensors(path / TOKENIZER_WEIGHTS_NAME, tokenizer_state, metadata=meta)
+    if tokenizer_raw_state:
+        save_safetensors(path / TOKENIZER_RAW_WEIGHTS_NAME, tokenizer_raw_state, metadata=meta)
     atomic_write_json(path / CONFIG_NAME, config)
 
 
@@ -65,6 +75,30 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{config_file}: not valid JSON: {err}") from None
+
+
+def read_hub_config(repo_id: str, *, where: str = "") -> dict[str, Any]:
+    """``config.json`` of a Hugging Face Hub repo (downloaded, or from the cache when offline)."""
+    return read_model_config(resolve_model_dir(repo_id, where=where, allow_patterns=[CONFIG_NAME]))
+
+
+def resolve_model_dir(ref: str | os.PathLike, *, where: str = "", allow_patterns=None) -> Path:
+    """A local directory as is; ``org/name`` as a snapshot of that Hub repo (honours ``HF_TOKEN``,
+    ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the Hugging Face cache)."""
+    local = Path(ref)
+    if local.is_dir():
+        return local
+    text = str(ref)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise FileNotFoundError(f"{where + ': ' if where else ''}{text}: no such directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=allow_patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"{where + ': ' if where else ''}{text}: not a local directory, and the Hub repo "
+                                f"could not be fetched ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def _build(kind: str, section: dict[str, Any], where: str, **extra):
@@ -101,7 +135,10 @@ def load_model_dir(path: str | os.PathLike, *, weights: str = "ema", device: str
     path = Path(path)
     config = read_model_config(path)
     where = str(path / CONFIG_NAME)
-    objective = _build("objective", config["objective"], f"{where}: objective")
+    if "generator" not in config:
+        raise ConfigError(f"{where}: a tokenizer's directory (no generator); use zoo-reconstruct, or "
+                          f"zoo.hub.load_tokenizer_dir")
+    objective = _build("objective", config["objective"], f"{where}: objective") if "objective" in config else None
     generator = _build("generator", config["generator"], f"{where}: generator", objective=objective)
     tokenizer = _build("tokenizer", config["tokenizer"], f"{where}: tokenizer")
     file_name = {"ema": WEIGHTS_NAME, "raw": RAW_WEIGHTS_NAME}.get(weights)
@@ -119,3 +156,25 @@ def load_model_dir(path: str | os.PathLike, *, weights: str = "ema", device: str
     return Pipeline(generator.to(device).eval(), tokenizer.to(device).eval(), sample,
                     num_classes=data.get("num_classes", getattr(generator, "num_classes", None)),
                     image_size=data.get("image_size"))
+
+
+def load_tokenizer_dir(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.device = "cpu"):
+    """The tokenizer of a model or run directory (a tokenizer's own run, or a generator's), in eval mode.
+
+    ``weights="raw"`` reads a tokenizer run's ``tokenizer_raw.safetensors``.
+    """
+    path = Path(path)
+    config = read_model_config(path)
+    where = str(path / CONFIG_NAME)
+    if "tokenizer" not in config:
+        raise ConfigError(f"{where}: has no tokenizer section")
+    tokenizer = _build("tokenizer", config["tokenizer"], f"{where}: tokenizer")
+    file_name = {"ema": TOKENIZER_WEIGHTS_NAME, "raw": TOKENIZER_RAW_WEIGHTS_NAME}.get(weights)
+    if file_name is None:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    weights_file = path / file_name
+    if weights_file.is_file():
+        load_state_strict(tokenizer, load_file(str(weights_file)), str(weights_file))
+    elif any(True for _ in tokenizer.parameters()):
+        raise FileNotFoundError(f"{weights_file}: missing (the run has not written a checkpoint yet?)")
+    return tokenizer.to(device).eval()

@@ -12,9 +12,15 @@ from torch import nn
 NO_DECAY_NAME_PARTS = ("embed", "pos_", "norm", "bias", "token", "level_emb", "fake_latent")
 
 
-def wants_decay(name: str, param: torch.Tensor) -> bool:
-    """Matrices and kernels decay; 1-D tensors (norm scales, biases) and embeddings/position tables do not."""
-    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+def wants_decay(name: str, param: torch.Tensor, no_decay: set[str] | None = None) -> bool:
+    """Matrices and kernels decay; 1-D tensors (norm scales, biases) do not, nor do the names in
+    ``no_decay`` when the model lists them (timm's ``no_weight_decay()`` hook, which VAR uses to
+    follow its release) or, otherwise, embeddings and position tables."""
+    if param.ndim < 2:
+        return False
+    if no_decay is not None:
+        return name not in no_decay
+    return not any(part in name for part in NO_DECAY_NAME_PARTS)
 
 
 def lr_scale_for(name: str, lr_scale: dict[str, float]) -> float:
@@ -31,10 +37,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, floa
         raise ValueError(f"train.lr_scale: pattern {unused[0]!r} matches no parameter name "
                          f"(names look like {next(iter(dict(model.named_parameters())))!r})")
     groups: dict[tuple[bool, float], dict] = {}
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else None
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = wants_decay(name, param)
+        decay = wants_decay(name, param, no_decay)
         scale = lr_scale_for(name, lr_scale)
         group = groups.setdefault((decay, scale), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale})

@@ -1,4 +1,5 @@
-"""The training loop, shared by every family: it only calls ``generator.loss`` and ``tokenizer.encode``.
+"""The training loop, shared by every family: it only calls ``generator.loss`` and
+``tokenizer.training_inputs`` — or, for a tokenizer recipe, ``tokenizer.loss``.
 
 Exactness of resume: the batch order is a function of (seed, step) (:class:`StepBatchSampler`) and
 every step reseeds the global RNG from (seed, step, micro-batch, process), so weights, EMA,
@@ -38,14 +39,15 @@ from zoo.train.optim import lr_at, make_optimizer
 
 
 class LossModule(nn.Module):
-    """Wraps a generator so that Accelerate/DDP see the loss computation as the module's forward."""
+    """Wraps the trained model (a generator, or a tokenizer) so that Accelerate/DDP see the loss
+    computation as the module's forward."""
 
-    def __init__(self, generator: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.generator = generator
+        self.model = model
 
-    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.generator.loss(latents, cond)
+    def forward(self, *inputs) -> dict[str, torch.Tensor]:
+        return self.model.loss(*inputs)
 
 
 class EpochIndexed(Dataset):
@@ -91,8 +93,16 @@ def default_run_dir(recipe_path: str) -> Path:
     return candidate
 
 
+TOKENIZER_SUBDIR = "tokenizer"  # where a generator run trains the tokenizer its recipe names by recipe
+
+
 class Trainer:
-    """Builds everything from a validated recipe and trains it; see :meth:`fit`."""
+    """Builds everything from a validated recipe and trains it; see :meth:`fit`.
+
+    A generator recipe trains its generator on the frozen tokenizer's ``training_inputs``; a
+    tokenizer recipe (no ``model`` section) trains the tokenizer on images. ``self.model`` is what
+    is trained in either case.
+    """
 
     def __init__(self, recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False,
                  progress: bool = True, cpu: bool = False):
@@ -100,9 +110,12 @@ class Trainer:
         self.cfg = recipe.train
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.cpu = cpu
         if not resume and ckpt.checkpoint_root(self.run_dir).exists() and ckpt.latest_checkpoint(self.run_dir):
             raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose "
                               f"another --run-dir")
+        # A tokenizer named by recipe is trained (or finished, or reused) before anything else.
+        tokenizer_dir = self._tokenizer_dir()
         if self.cfg.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
             raise ConfigError(f"{recipe.where('train.mixed_precision')}: fp16 is not supported on a CPU (PyTorch "
                               f"has no fp16 autocast with loss scaling there); use 'bf16' or 'no'")
@@ -119,24 +132,76 @@ class Trainer:
 
         # Data first: a missing folder or a class-count mismatch fails before models are built.
         self.dataset = recipe.data.build()
-        classes = getattr(self.dataset, "num_classes", None)
-        model_classes = getattr(recipe.model.config, "num_classes", None)
-        if classes is not None and model_classes is not None and classes != model_classes:
-            raise ConfigError(f"{recipe.where('model.num_classes')}: {model_classes}, but the dataset has "
-                              f"{classes} classes; set model.num_classes={classes}")
-        self.tokenizer = recipe.tokenizer.build().to(acc.device).eval()
-        self.objective = recipe.objective.build()
-        self.generator = recipe.model.build(objective=self.objective)
-        self.ema = make_ema(self.generator)
-        self.generator.to(acc.device)  # the fused optimizer is built for the parameters' device
-        self.optimizer, _ = make_optimizer(self.generator, self.cfg)
+        if recipe.trains_tokenizer:
+            self.tokenizer = None
+            self.objective = None
+            self.model = recipe.tokenizer.build().train().requires_grad_(True)
+        else:
+            classes = getattr(self.dataset, "num_classes", None)
+            model_classes = getattr(recipe.model.config, "num_classes", None)
+            if classes is not None and model_classes is not None and classes != model_classes:
+                raise ConfigError(f"{recipe.where('model.num_classes')}: {model_classes}, but the dataset has "
+                                  f"{classes} classes; set model.num_classes={classes}")
+            self.tokenizer = self._build_tokenizer(tokenizer_dir).to(acc.device).eval().requires_grad_(False)
+            self.objective = recipe.objective.build() if recipe.objective is not None else None
+            self.model = recipe.model.build(objective=self.objective)
+        self.ema = make_ema(self.model)
+        self.model.to(acc.device)  # the fused optimizer is built for the parameters' device
+        self.optimizer, _ = make_optimizer(self.model, self.cfg)
         if self.cfg.compile != "none":
-            self.generator.compile(mode=self.cfg.compile)
-        self.loss_module, self.optimizer = acc.prepare(LossModule(self.generator), self.optimizer)
+            self.model.compile(mode=self.cfg.compile)
+        self.loss_module, self.optimizer = acc.prepare(LossModule(self.model), self.optimizer)
         self.ema.to(acc.device)
         self.step = 0
         if resume:
             self._resume()
+
+    @property
+    def generator(self) -> nn.Module:
+        """The trained generator (raw weights); for a tokenizer recipe, the trained tokenizer."""
+        return self.model
+
+    # ------------------------------------------------------------------------------ tokenizer source
+
+    def _tokenizer_dir(self) -> Path | None:
+        """The directory holding the weights of the recipe's tokenizer (training it first if its
+        source is a tokenizer recipe); None when the tokenizer is built from its config alone."""
+        source = self.recipe.tokenizer_source
+        if source is None:
+            return None
+        if source.kind == "recipe":
+            return self._train_tokenizer(source)
+        from zoo.hub.model_dir import resolve_model_dir
+
+        return resolve_model_dir(source.path, where=self.recipe.where("tokenizer.from"))
+
+    def _train_tokenizer(self, source) -> Path:
+        sub_dir = self.run_dir / TOKENIZER_SUBDIR
+        sub = source.recipe
+        latest = ckpt.latest_checkpoint(sub_dir) if ckpt.checkpoint_root(sub_dir).exists() else None
+        if latest is not None:
+            saved = sub_dir / "recipe.yaml"
+            if saved.is_file() and yaml.safe_load(saved.read_text()) != _comparable(sub):
+                raise ConfigError(f"{sub_dir} holds a tokenizer trained from a different recipe than "
+                                  f"{source.path}; delete that folder to retrain it, or choose another --run-dir")
+            if ckpt.read_state(latest)["step"] >= sub.train.max_steps:
+                print(f"tokenizer: reusing {sub_dir} (trained from {source.path})")
+                return sub_dir
+        print(f"tokenizer: training {source.path} into {sub_dir} first")
+        Trainer(sub, sub_dir, resume=latest is not None, progress=self.progress, cpu=self.cpu).fit()
+        return sub_dir
+
+    def _build_tokenizer(self, tokenizer_dir: Path | None) -> nn.Module:
+        from zoo.hub.model_dir import load_tokenizer_dir
+
+        if tokenizer_dir is not None:
+            return load_tokenizer_dir(tokenizer_dir)
+        tokenizer = self.recipe.tokenizer.build()
+        if getattr(type(tokenizer), "trainable", False) and any(True for _ in tokenizer.parameters()):
+            print(f"warning: {self.recipe.where('tokenizer')}: {self.recipe.tokenizer.name!r} is built with random "
+                  f"weights; name trained ones with tokenizer.from (a tokenizer recipe, run directory or Hub repo)",
+                  file=sys.stderr)
+        return tokenizer
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -167,9 +232,13 @@ class Trainer:
             save_safetensors(tmp / ckpt.EMA_NAME, self.ema.state_dict())
             atomic_write_json(tmp / ckpt.STATE_NAME, {"step": self.step, "time": time.time()})
             ckpt.finalize(tmp, final, keep=self.cfg.keep_checkpoints)
-            raw = acc.unwrap_model(self.loss_module).generator
-            save_model_dir(self.run_dir, model_config_dict(self.recipe), self.ema.state_dict(),
-                           raw_state=raw.state_dict(), tokenizer_state=self.tokenizer.state_dict())
+            raw = acc.unwrap_model(self.loss_module).model
+            if self.recipe.trains_tokenizer:
+                save_model_dir(self.run_dir, model_config_dict(self.recipe), None,
+                               tokenizer_state=self.ema.state_dict(), tokenizer_raw_state=raw.state_dict())
+            else:
+                save_model_dir(self.run_dir, model_config_dict(self.recipe), self.ema.state_dict(),
+                               raw_state=raw.state_dict(), tokenizer_state=self.tokenizer.state_dict())
         acc.wait_for_everyone()
         return final
 
@@ -181,7 +250,10 @@ class Trainer:
                         image_size=getattr(self.dataset, "image_size", None))
 
     def write_sample_grid(self, name: str) -> Path:
-        """Sample ``sample.num`` images from the EMA model and save a grid PNG under ``samples/``."""
+        """Sample ``sample.num`` images from the EMA model and save a grid PNG under ``samples/``;
+        for a tokenizer recipe, originals beside reconstructions (and print PSNR, codebook usage)."""
+        if self.recipe.trains_tokenizer:
+            return self.write_reconstruction_grid(name)
         sample = self.recipe.sample
         pipe = self.pipeline()
         labels = parse_labels(sample.labels, sample.num, pipe.num_classes)
@@ -192,6 +264,18 @@ class Trainer:
         path = self.run_dir / "samples" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        return path
+
+    def write_reconstruction_grid(self, name: str) -> Path:
+        from zoo.eval.reconstruction import reconstruction_report, write_pairs_grid
+
+        images = torch.stack([self.dataset[i][0] for i in range(min(self.recipe.sample.num, len(self.dataset)))])
+        report = reconstruction_report(self.ema, images, batch_size=self.recipe.sample.batch_size)
+        path = self.run_dir / "samples" / f"{name}.png"
+        write_pairs_grid(path, images, report.pop("reconstructions"))
+        atomic_write_json(path.with_suffix(".json"), report)
+        print(f"reconstruction of {len(images)} training images: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
         return path
 
     # ------------------------------------------------------------------------------ loop
@@ -217,18 +301,24 @@ class Trainer:
         acc = self.accelerator
         cfg = self.cfg
         lr = self._set_lr()
+        model = acc.unwrap_model(self.loss_module).model
+        if hasattr(model, "set_step"):  # schedules inside the model (VAR's progressive training)
+            model.set_step(self.step, cfg.max_steps)
         sums: dict[str, torch.Tensor] = {}
         self.loss_module.train()
         for micro in range(cfg.grad_accum_steps):
             images, labels = next(batch_iter)
             images, labels = images.to(acc.device), labels.to(acc.device)
             torch.manual_seed(step_seed(cfg.seed, self.step, micro, acc.process_index))
-            with torch.no_grad():
-                latents = self.tokenizer.encode(images)
+            if self.tokenizer is None:
+                inputs = (images,)
+            else:
+                with torch.no_grad():
+                    inputs = (self.tokenizer.training_inputs(images), labels)
             last = micro == cfg.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.loss_module)
             with acc.autocast(), sync:
-                terms = self.loss_module(latents, labels)
+                terms = self.loss_module(*inputs)
                 acc.backward(terms["loss"] / cfg.grad_accum_steps)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum_steps
@@ -241,7 +331,7 @@ class Trainer:
             totals["grad_norm"] = float(acc.clip_grad_norm_(self.loss_module.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, acc.unwrap_model(self.loss_module).generator, cfg.ema_decay)
+        update_ema(self.ema, model, cfg.ema_decay)
         self.step += 1
         totals["lr"] = lr
         return totals
@@ -349,5 +439,5 @@ def _comparable(recipe: Recipe) -> dict:
 
 
 def train(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``recipe`` into ``run_dir``; returns the path of the final sample grid."""
+    """Train ``recipe`` into ``run_dir``; returns the path of the final sample (or reconstruction) grid."""
     return Trainer(recipe, run_dir, resume=resume, progress=progress).fit()

@@ -1,0 +1,174 @@
+"""Tokenizer recipes (zoo-train trains the tokenizer itself) and generator recipes that take their
+tokenizer ``from`` a tokenizer recipe, a run directory or a model directory."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from zoo.config import ConfigError
+from zoo.hub.model_dir import load_tokenizer_dir, read_model_config
+from zoo.recipe import load_recipe, recipe_from_dict
+from zoo.train.trainer import Trainer
+
+TOKENIZER_RECIPE = {
+    "tokenizer": {"name": "msvq", "ch": 32, "ch_mult": [1, 2], "vocab_size": 32, "z_channels": 8,
+                  "v_patch_nums": [1, 2, 4], "image_channels": 1},
+    "data": {"name": "digits", "image_size": 8},
+    "train": {"batch_size": 16, "max_steps": 3, "lr": 1e-3, "log_every": 1, "tensorboard": False,
+              "ema_decay": 0.5},
+    "sample": {"num": 12, "batch_size": 12},
+}
+
+VAR_RECIPE = {
+    "model": {"name": "var-d2", "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10,
+              "patch_nums": [1, 2, 4], "vocab_size": 32, "Cvae": 8},
+    "tokenizer": {"from": "tok.yaml"},
+    "data": {"name": "digits", "image_size": 8},
+    "train": {"batch_size": 16, "max_steps": 2, "lr": 1e-3, "log_every": 1, "tensorboard": False,
+              "ema_decay": 0.5},
+    "sample": {"num": 10, "batch_size": 10, "cfg_scale": 1.5, "top_k": 5},
+}
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tokenizer_recipe_file(tmp_path):
+    return write(tmp_path / "tok.yaml", copy.deepcopy(TOKENIZER_RECIPE))
+
+
+@pytest.fixture
+def var_recipe_file(tmp_path, tokenizer_recipe_file):
+    return write(tmp_path / "var.yaml", copy.deepcopy(VAR_RECIPE))
+
+
+def test_a_recipe_without_model_trains_its_tokenizer(tmp_path, tokenizer_recipe_file, capsys):
+    recipe = load_recipe(tokenizer_recipe_file)
+    assert recipe.trains_tokenizer and recipe.objective is None
+    run = tmp_path / "run"
+    grid = Trainer(recipe, run, progress=False).fit()
+    assert grid == run / "samples" / "final.png" and grid.is_file()
+    report = json.loads(grid.with_suffix(".json").read_text())
+    assert report["num_images"] == 12 and 0 < report["codebook_usage"] <= 1 and report["psnr"] > 0
+    assert "PSNR" in capsys.readouterr().out or "psnr" in report
+    config = read_model_config(run)
+    assert "generator" not in config and config["tokenizer"]["name"] == "msvq"
+    assert (run / "tokenizer.safetensors").is_file() and (run / "tokenizer_raw.safetensors").is_file()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3]
+    assert {"loss", "usage", "perplexity"} <= set(logged[-1])
+    # The written weights are the EMA copy, and they load strictly into a fresh tokenizer.
+    tokenizer = load_tokenizer_dir(run)
+    saved = load_file(str(run / "tokenizer.safetensors"))
+    assert all(torch.equal(tokenizer.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_zoo_reconstruct_and_zoo_sample_check_a_tokenizer_run(tmp_path, tokenizer_recipe_file, capsys):
+    from zoo.cli.reconstruct import main as reconstruct
+    from zoo.cli.sample import main as sample
+
+    run = tmp_path / "run"
+    Trainer(load_recipe(tokenizer_recipe_file), run, progress=False).fit()
+    capsys.readouterr()
+    assert reconstruct([str(run), "--num", "7", "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "codebook usage" in out
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 7
+    assert sample([str(run), "--num", "5", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
+    assert sample([str(run), "--out", str(tmp_path / "s.npz")]) == 2
+    assert "holds a tokenizer" in capsys.readouterr().err
+
+
+def test_generator_recipe_trains_its_tokenizer_recipe_first_then_reuses_it(tmp_path, var_recipe_file, capsys):
+    recipe = load_recipe(var_recipe_file)
+    assert recipe.tokenizer_source.kind == "recipe" and recipe.tokenizer.name == "msvq"
+    run = tmp_path / "run"
+    trainer = Trainer(recipe, run, progress=False)
+    assert "training" in capsys.readouterr().out
+    tok_run = run / "tokenizer"
+    assert (tok_run / "tokenizer.safetensors").is_file()
+    trained = load_file(str(tok_run / "tokenizer.safetensors"))
+    assert all(torch.equal(trainer.tokenizer.state_dict()[k].cpu(), v) for k, v in trained.items())
+    assert not any(p.requires_grad for p in trainer.tokenizer.parameters())
+    grid = trainer.fit()
+    assert grid.is_file()
+    # The generator's run directory is self-contained: its tokenizer weights are the trained ones.
+    copied = load_file(str(run / "tokenizer.safetensors"))
+    assert all(torch.equal(copied[k], v) for k, v in trained.items())
+    # A second trainer on the same run directory reuses the finished tokenizer instead of retraining.
+    Trainer(recipe, run, resume=True, progress=False)
+    assert "reusing" in capsys.readouterr().out
+    # The saved recipe names the tokenizer recipe by absolute path and reads back anywhere.
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["tokenizer"] == {"from": str(var_recipe_file.parent.resolve() / "tok.yaml")}
+    assert "objective" not in saved
+    recipe_from_dict(saved, source=str(run / "recipe.yaml"))
+
+
+def test_a_changed_tokenizer_recipe_is_not_silently_reused(tmp_path, var_recipe_file, tokenizer_recipe_file):
+    run = tmp_path / "run"
+    Trainer(load_recipe(var_recipe_file), run, progress=False)
+    changed = copy.deepcopy(TOKENIZER_RECIPE)
+    changed["train"]["lr"] = 5e-4
+    write(tokenizer_recipe_file, changed)
+    with pytest.raises(ConfigError, match="different recipe"):
+        Trainer(load_recipe(var_recipe_file), run, resume=True, progress=False)
+
+
+def test_generator_recipe_takes_its_tokenizer_from_a_run_directory(tmp_path, tokenizer_recipe_file):
+    tok_run = tmp_path / "tok_run"
+    Trainer(load_recipe(tokenizer_recipe_file), tok_run, progress=False).fit()
+    raw = copy.deepcopy(VAR_RECIPE)
+    raw["tokenizer"] = {"from": str(tok_run)}
+    recipe = recipe_from_dict(raw, source=str(tmp_path / "v.yaml"))
+    assert recipe.tokenizer_source.kind == "model_dir"
+    trainer = Trainer(recipe, tmp_path / "run", progress=False)
+    saved = load_file(str(tok_run / "tokenizer.safetensors"))
+    assert all(torch.equal(trainer.tokenizer.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["tokenizer"].update(name="msvq"), "with 'from' the tokenizer's name and fields come from"),
+    (lambda r: r["tokenizer"].update({"from": "missing.yaml"}), "tokenizer recipe 'missing.yaml' not found"),
+    (lambda r: r["tokenizer"].update({"from": "./nowhere"}), "neither a tokenizer recipe"),
+    (lambda r: r.update(objective={"name": "gaussian"}), "uses no objective; remove the section"),
+])
+def test_tokenizer_source_errors_name_the_key(tmp_path, tokenizer_recipe_file, change, message):
+    raw = copy.deepcopy(VAR_RECIPE)
+    change(raw)
+    path = write(tmp_path / "v.yaml", raw)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+
+
+def test_from_must_name_a_tokenizer_recipe_not_a_generator_recipe(tmp_path, tiny_recipe_dict, tokenizer_recipe_file):
+    write(tmp_path / "gen.yaml", tiny_recipe_dict)
+    raw = copy.deepcopy(VAR_RECIPE)
+    raw["tokenizer"] = {"from": "gen.yaml"}
+    with pytest.raises(ConfigError, match="is a generator recipe"):
+        load_recipe(write(tmp_path / "v.yaml", raw))
+
+
+def test_a_model_less_recipe_needs_a_trainable_tokenizer(tmp_path):
+    raw = copy.deepcopy(TOKENIZER_RECIPE)
+    raw["tokenizer"] = {"name": "pixel", "channels": 1}
+    with pytest.raises(ConfigError, match="cannot be trained by zoo-train"):
+        load_recipe(write(tmp_path / "t.yaml", raw))
+
+
+def test_tokenizer_recipe_channels_must_match_the_data(tmp_path):
+    raw = copy.deepcopy(TOKENIZER_RECIPE)
+    raw["tokenizer"]["image_channels"] = 3
+    with pytest.raises(ConfigError, match="1-channel images"):
+        load_recipe(write(tmp_path / "t.yaml", raw))
