@@ -54,3 +54,22 @@ def _shared(tensors: dict) -> set[int]:
         ptr = v.data_ptr()
         (shared if ptr in seen else seen).add(ptr)
     return shared
+
+
+def load_state_strict(module, state: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error (``ConfigError``) that names ``source`` and the
+    first missing, unexpected or mis-shaped tensor, checked before anything is copied."""
+    from zoo.config import ConfigError
+
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ConfigError(f"{source}: weights do not fit the config: missing {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                              f"the config needs {tuple(tensor.shape)}")
+    module.load_state_dict(state, strict=True)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from zoo import __version__
 from zoo.config import ConfigError
-from zoo.io import atomic_write_json, save_safetensors
+from zoo.io import atomic_write_json, load_state_strict, save_safetensors  # noqa: F401 (re-exported)
 from zoo.registry import get_entry
 
 CONFIG_NAME = "config.json"
@@ -36,7 +36,10 @@ def model_config_dict(recipe) -> dict[str, Any]:
     out: dict[str, Any] = {"zoo_version": __version__}
     if recipe.model is not None:
         out["generator"] = recipe.model.to_dict()
-    out["tokenizer"] = recipe.tokenizer.to_dict()
+    tokenizer = recipe.tokenizer.to_dict()
+    if tokenizer.get("pretrained"):
+        tokenizer["pretrained"] = ""  # its weights are saved in the directory (tokenizer.safetensors)
+    out["tokenizer"] = tokenizer
     if recipe.objective is not None:
         out["objective"] = recipe.objective.to_dict()
     out["data"] = {"name": recipe.data.name, **{k: v for k, v in info.items() if v is not None}}
@@ -106,21 +109,6 @@ def _build(kind: str, section: dict[str, Any], where: str, **extra):
     name = values.pop("name")
     entry = get_entry(kind, name, where=where)
     return entry.build(entry.make_config(values, where=where), **extra)
-
-
-def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file and the first bad tensor."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ConfigError(f"{source}: weights do not fit the config: missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                              f"the config needs {tuple(tensor.shape)}")
-    module.load_state_dict(state, strict=True)
 
 
 def load_model_dir(path: str | os.PathLike, *, weights: str = "ema", device: str | torch.device = "cpu"):

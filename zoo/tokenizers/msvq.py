@@ -32,8 +32,8 @@ from torch import nn
 from zoo.config import ConfigError
 from zoo.registry import register_tokenizer
 from zoo.tokenizers.base import Tokenizer
+from zoo.tokenizers.ldm import GROUPS, Decoder, Encoder, FusedQKVAttnBlock
 
-GROUPS = 32  # every GroupNorm of the official encoder/decoder uses 32 groups
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA codebook's cluster sizes
 
 
@@ -96,159 +96,6 @@ class MSVQConfig:
         if self.restart_dead_codes and not self.dead_code_threshold > 0:
             raise ConfigError(f"dead_code_threshold: must be > 0 with restart_dead_codes (codes hit fewer times "
                               f"per step, on average, are restarted), got {self.dead_code_threshold}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Encoder / decoder blocks (LDM "vq-f16" layout; module names are the checkpoint's keys)
-# ------------------------------------------------------------------------------------------------
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
-
-
-class Upsample2x(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class Downsample2x(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x):
-        # Pad right/bottom only: the LDM convention the released weights were trained with.
-        return self.conv(F.pad(x, pad=(0, 1, 0, 1), mode="constant", value=0))
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        # No parameters (and so no checkpoint key) when the width does not change.
-        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels
-                             else nn.Identity())
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions, with a fused qkv 1x1 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-        self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x_BChw):
-        B, C, H, W = x_BChw.shape
-        q, k, v = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, hw)
-        w_BLL = torch.softmax(torch.bmm(q.transpose(1, 2), k) * C ** -0.5, dim=2)  # (B, hw_q, hw_k)
-        h_BCL = torch.bmm(v, w_BLL.transpose(1, 2))  # (B, C, hw_q)
-        return x_BChw + self.proj_out(h_BCL.reshape(B, C, H, W))
-
-
-class Encoder(nn.Module):
-    """Images (B, image_channels, H, W) -> features (B, z_channels, H/2^(L-1), W/2^(L-1)).
-    Attention follows every res block of the last (coarsest) level, and sits in the middle."""
-
-    def __init__(self, ch: int, ch_mult, z_channels: int, in_channels: int, dropout: float,
-                 num_res_blocks: int = 2):
-        super().__init__()
-        self.num_resolutions = len(ch_mult)
-        self.num_res_blocks = num_res_blocks
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
-        in_ch_mult = (1, *ch_mult)
-        self.down = nn.ModuleList()
-        for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1:
-                    attn.append(AttnBlock(block_in))
-            down = nn.Module()
-            down.block, down.attn = block, attn
-            if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample2x(block_in)
-            self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.norm_out = _group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for i_level, down in enumerate(self.down):
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
-            if i_level != self.num_resolutions - 1:
-                h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """Features (B, z_channels, h, w) -> images (B, out_channels, h*2^(L-1), w*2^(L-1)), unclamped.
-    ``up`` is indexed by resolution level (0 = finest), as in the checkpoint, though run coarse first."""
-
-    def __init__(self, ch: int, ch_mult, z_channels: int, out_channels: int, dropout: float,
-                 num_res_blocks: int = 2):
-        super().__init__()
-        self.num_resolutions = len(ch_mult)
-        self.num_res_blocks = num_res_blocks
-        block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.up = nn.ModuleList()
-        for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1:
-                    attn.append(AttnBlock(block_in))
-            up = nn.Module()
-            up.block, up.attn = block, attn
-            if i_level != 0:
-                up.upsample = Upsample2x(block_in)
-            self.up.insert(0, up)
-        self.norm_out = _group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
-
-    def forward(self, z):
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
-            if i_level != 0:
-                h = up.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,9 +438,11 @@ class MSVQTokenizer(Tokenizer):
         self.V, self.Cvae = config.vocab_size, config.z_channels
         self.vocab_size = config.vocab_size
         self.test_mode = config.test_mode
-        arch = dict(ch=config.ch, ch_mult=tuple(config.ch_mult), z_channels=config.z_channels, dropout=config.dropout)
-        self.encoder = Encoder(in_channels=config.image_channels, **arch)
-        self.decoder = Decoder(out_channels=config.image_channels, **arch)
+        # The LDM encoder/decoder with VAR's fused-qkv attention after every res block of the coarsest level.
+        arch = dict(ch=config.ch, ch_mult=tuple(config.ch_mult), num_res_blocks=2, dropout=config.dropout,
+                    attn_levels=(len(config.ch_mult) - 1,), attn_block=FusedQKVAttnBlock)
+        self.encoder = Encoder(in_channels=config.image_channels, out_channels=config.z_channels, **arch)
+        self.decoder = Decoder(z_channels=config.z_channels, out_channels=config.image_channels, **arch)
         self.quantize = MultiScaleQuantizer(
             vocab_size=config.vocab_size, Cvae=config.z_channels, using_znorm=config.using_znorm, beta=config.beta,
             default_qresi_counts=config.default_qresi_counts, v_patch_nums=config.v_patch_nums,
@@ -662,6 +511,299 @@ class MSVQTokenizer(Tokenizer):
         ``quantize.idxBl_to_var_input`` (B, sum pn^2 - pn_0^2, Cvae), float32."""
         idx_Bl = self.img_to_idxBl(images)
         return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl)
+
+
+    # -------------------------------------------------------------------------------- training
+
+    def forward(self, f_BChw: torch.Tensor, ret_usages: bool = False):
+        """The official training forward: (f_hat (B, Cvae, H, W) float32 carrying a straight-through
+        gradient to ``f_BChw``, per-scale usages in percent (see :meth:`scale_usages`) or None,
+        the vq loss)."""
+        f_hat, vq_loss, _ = self.quantize_for_training(f_BChw)
+        usages = self.scale_usages(f_BChw.numel() // f_BChw.shape[1]) if ret_usages else None
+        return f_hat, usages, vq_loss
+
+    def quantize_for_training(self, f_BChw: torch.Tensor):
+        """Residual quantisation with losses: returns (f_hat_BChw, vq_loss, hit_V).
+
+        ``f_hat_BChw`` equals the quantised features in value and passes the gradient straight
+        through to ``f_BChw``. ``vq_loss`` is, averaged over scales, ``mse(f_hat_k, sg f)``
+        (trains the codebook and Φ) + ``beta * mse(sg f_hat_k, f)`` (commits the encoder), with
+        f_hat_k the running sum after scale k. ``hit_V`` (V,) counts how often each code was picked,
+        over all scales (and processes, in training). In training mode this also updates
+        ``ema_vocab_hit_SV`` and, if enabled, the EMA codebook and dead-code restarts.
+        The quantiser always runs in float32, outside autocast.
+        """
+        B, C, H, W = f_BChw.shape
+        SN = len(self.v_patch_nums)
+        if (H, W) != (self.v_patch_nums[-1],) * 2:
+            raise ValueError(f"the largest scale {self.v_patch_nums[-1]} must equal the feature map's side "
+                             f"({H}, {W}); image side / downsample must be v_patch_nums[-1]")
+        with torch.autocast(device_type=f_BChw.device.type, enabled=False):
+            f_BChw = f_BChw.float()
+            f_no_grad = f_BChw.detach()
+            f_rest = f_no_grad.clone()
+            f_hat = torch.zeros_like(f_rest)
+            # With the EMA codebook only Φ learns from the codebook loss.
+            codebook_VC = self.embedding.weight.detach() if self.ema_codebook else self.embedding.weight
+            vq_loss = f_BChw.new_zeros(())
+            hit_V = f_BChw.new_zeros(self.vocab_size)
+            inputs_NC, idx_Ns = [], []  # what each scale quantised and the codes it picked
+            for si, pn in enumerate(self.v_patch_nums):
+                last = si == SN - 1
+                rest_BChw = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+                rest_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
+                idx_N = self._nearest(rest_NC)
+                hits_V = idx_N.bincount(minlength=self.vocab_size).float()
+                if self.training:
+                    self._record_hits(si, _sum_over_processes(hits_V))
+                hit_V += hits_V
+                h_BChw = F.embedding(idx_N.view(B, pn, pn), codebook_VC).permute(0, 3, 1, 2)
+                if not last:
+                    h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
+                h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
+                f_hat = f_hat + h_BChw
+                f_rest.sub_(h_BChw.detach())
+                vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f_BChw) * self.beta + F.mse_loss(f_hat, f_no_grad)
+                inputs_NC.append(rest_NC)
+                idx_Ns.append(idx_N)
+            vq_loss = vq_loss * (1.0 / SN)
+            f_hat = (f_hat.detach() - f_no_grad) + f_BChw
+        if self.training and (self.ema_codebook or self.restart_dead_codes):
+            self._update_codebook(torch.cat(inputs_NC), torch.cat(idx_Ns), hit_V)
+        return f_hat, vq_loss, hit_V
+
+    def _record_hits(self, si: int, hits_V: torch.Tensor) -> None:
+        # The official schedule: copy on the very first call, then momentum 0.9 and, after 100
+        # per-scale updates, 0.99. The counter advances once per scale.
+        row = self.ema_vocab_hit_SV[si]
+        if self.record_hit == 0:
+            row.copy_(hits_V)
+        elif self.record_hit < 100:
+            row.mul_(0.9).add_(hits_V * 0.1)
+        else:
+            row.mul_(0.99).add_(hits_V * 0.01)
+        self.record_hit += 1
+
+    def scale_usages(self, positions_per_process: int) -> list[float]:
+        """The official per-scale usage (percent): codes whose ``ema_vocab_hit_SV`` count is at least
+        8% of an even share of the largest scale's tokens over all processes
+        (``positions_per_process`` = B*H*W of one process's batch)."""
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        margin = world * positions_per_process / self.vocab_size * 0.08
+        return [(row >= margin).float().mean().item() * 100 for row in self.ema_vocab_hit_SV]
+
+    @torch.no_grad()
+    def _update_codebook(self, inputs_NC: torch.Tensor, idx_N: torch.Tensor, hit_V: torch.Tensor) -> None:
+        """One step of the optional codebook aids from this batch's quantiser inputs (N, Cvae) and
+        their codes (N,); ``hit_V`` is already summed over processes."""
+        decay = self.ema_decay
+        self.ema_cluster_size.mul_(decay).add_(hit_V.to(self.ema_cluster_size.dtype), alpha=1 - decay)
+        if self.ema_codebook:
+            embed_sum_VC = torch.zeros_like(self.ema_embed_sum).index_add_(
+                0, idx_N, inputs_NC.to(self.ema_embed_sum.dtype))
+            self.ema_embed_sum.mul_(decay).add_(_sum_over_processes(embed_sum_VC), alpha=1 - decay)
+            # Laplace smoothing keeps codes with (almost) no hits from dividing by zero.
+            total = self.ema_cluster_size.sum()
+            smoothed_V = (self.ema_cluster_size + EMA_EPS) / (total + self.vocab_size * EMA_EPS) * total
+            self.embedding.weight.copy_(self.ema_embed_sum / smoothed_V.unsqueeze(1))
+        if self.restart_dead_codes:
+            dead_V = self.ema_cluster_size < self.dead_code_threshold
+            num_dead = int(dead_V.sum())
+            if num_dead:
+                picks = torch.randint(inputs_NC.shape[0], (num_dead,), device=inputs_NC.device)
+                new_codes_DC = inputs_NC[picks].float()
+                if _distributed():
+                    torch.distributed.broadcast(new_codes_DC, src=0)
+                self.embedding.weight[dead_V] = new_codes_DC.to(self.embedding.weight.dtype)
+                # A restarted code starts at the threshold: it must be picked to survive.
+                self.ema_cluster_size[dead_V] = self.dead_code_threshold
+                if self.ema_codebook:
+                    self.ema_embed_sum[dead_V] = (new_codes_DC * self.dead_code_threshold).to(self.ema_embed_sum.dtype)
+
+    @torch.no_grad()
+    def f_to_idxBl_or_fhat(self, f_BChw: torch.Tensor, to_fhat: bool, v_patch_nums=None) -> list[torch.Tensor]:
+        """Residual quantisation of features (B, Cvae, H, W): per scale, the indices (B, pn*pn)
+        or, with ``to_fhat``, the running f_hat (B, Cvae, H, W) after that scale."""
+        B, C, H, W = f_BChw.shape
+        patch_hws = [(pn, pn) if isinstance(pn, int) else (pn[0], pn[1]) for pn in (v_patch_nums or self.v_patch_nums)]
+        if patch_hws[-1] != (H, W):
+            raise ValueError(f"the largest scale {patch_hws[-1]} must equal the feature map's side ({H}, {W}); "
+                             f"image side / downsample must be v_patch_nums[-1]")
+        f_rest = f_BChw.detach().clone()
+        f_hat = torch.zeros_like(f_rest)
+        out: list[torch.Tensor] = []
+        SN = len(patch_hws)
+        for si, (ph, pw) in enumerate(patch_hws):
+            last = si == SN - 1
+            rest_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode="area")
+            idx_N = self._nearest(rest_BChw.permute(0, 2, 3, 1).reshape(-1, C))
+            h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
+            if not last:
+                h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
+            h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
+            f_hat.add_(h_BChw)
+            f_rest.sub_(h_BChw)
+            out.append(f_hat.clone() if to_fhat else idx_N.reshape(B, ph * pw))
+        return out
+
+    def embed_to_fhat(self, ms_h_BChw: list[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False):
+        """Per-scale embeddings (B, Cvae, pn, pn) -> f_hat after each scale (or only the last).
+        ``all_to_max_scale=False`` grows f_hat scale by scale instead (experimental in the original;
+        not what training or VAR inference does)."""
+        B, SN, side = ms_h_BChw[0].shape[0], len(self.v_patch_nums), self.v_patch_nums[-1]
+        f_hats: list[torch.Tensor] = []
+        if all_to_max_scale:
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, side, side, dtype=torch.float32)
+            for si, h_BChw in enumerate(ms_h_BChw):
+                if si < SN - 1:
+                    h_BChw = F.interpolate(h_BChw, size=(side, side), mode="bicubic")
+                f_hat = f_hat + self.phi_for_scale(si, SN)(h_BChw)
+                f_hats.append(f_hat)
+        else:
+            pn0 = self.v_patch_nums[0]
+            f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, pn0, pn0, dtype=torch.float32)
+            for si, pn in enumerate(self.v_patch_nums):
+                f_hat = F.interpolate(f_hat, size=(pn, pn), mode="bicubic") + self.phi_for_scale(si, SN)(ms_h_BChw[si])
+                f_hats.append(f_hat)
+        return f_hats[-1] if last_one else f_hats
+
+    def idxBl_to_var_input(self, gt_ms_idx_Bl: list[torch.Tensor]) -> torch.Tensor:
+        """Teacher-forcing input of VAR: for scales 1..K-1, the f_hat accumulated from the earlier
+        scales, area-downsampled to that scale's side. Returns (B, sum(pn^2) - pn_0^2, Cvae), float32."""
+        B, C, SN = gt_ms_idx_Bl[0].shape[0], self.Cvae, len(self.v_patch_nums)
+        side = self.v_patch_nums[-1]
+        f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, side, side, dtype=torch.float32)
+        next_scales = []
+        for si in range(SN - 1):
+            pn = self.v_patch_nums[si]
+            h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
+            f_hat.add_(self.phi_for_scale(si, SN)(F.interpolate(h_BChw, size=(side, side), mode="bicubic")))
+            pn_next = self.v_patch_nums[si + 1]
+            next_BlC = F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2)
+            next_scales.append(next_BlC)
+        return torch.cat(next_scales, dim=1)
+
+    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor):
+        """VAR sampling step: add scale ``si``'s embeddings (B, Cvae, pn, pn) to f_hat (in place) and
+        return (f_hat, the next scale's input: f_hat area-downsampled, or f_hat itself at the end)."""
+        side = self.v_patch_nums[-1]
+        if si != SN - 1:
+            f_hat.add_(self.phi_for_scale(si, SN)(F.interpolate(h_BChw, size=(side, side), mode="bicubic")))
+            pn_next = self.v_patch_nums[si + 1]
+            return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
+        f_hat.add_(self.phi_for_scale(si, SN)(h_BChw))
+        return f_hat, f_hat
+
+
+# ------------------------------------------------------------------------------------------------
+# The tokenizer
+# ------------------------------------------------------------------------------------------------
+
+@register_tokenizer("msvq", config=MSVQConfig,
+                    description="VAR multi-scale residual VQ-VAE (vae_ch160v4096z32 with ch=160)")
+class MSVQTokenizer(Tokenizer):
+    """Images in [-1, 1] <-> f_hat (B, z_channels, H/d, W/d) <-> index pyramids, d = 2^(len(ch_mult)-1).
+    Image sides must be ``v_patch_nums[-1] * d`` (256 for the release)."""
+
+    kind = "discrete"
+    trainable = True
+
+    def __init__(self, config: MSVQConfig):
+        super().__init__(latent_channels=config.z_channels, downsample=2 ** (len(config.ch_mult) - 1))
+        self.config = config
+        self.V, self.Cvae = config.vocab_size, config.z_channels
+        self.vocab_size = config.vocab_size
+        self.test_mode = config.test_mode
+        # The LDM encoder/decoder with VAR's fused-qkv attention after every res block of the coarsest level.
+        arch = dict(ch=config.ch, ch_mult=tuple(config.ch_mult), num_res_blocks=2, dropout=config.dropout,
+                    attn_levels=(len(config.ch_mult) - 1,), attn_block=FusedQKVAttnBlock)
+        self.encoder = Encoder(in_channels=config.image_channels, out_channels=config.z_channels, **arch)
+        self.decoder = Decoder(z_channels=config.z_channels, out_channels=config.image_channels, **arch)
+        self.quantize = MultiScaleQuantizer(
+            vocab_size=config.vocab_size, Cvae=config.z_channels, using_znorm=config.using_znorm, beta=config.beta,
+            default_qresi_counts=config.default_qresi_counts, v_patch_nums=config.v_patch_nums,
+            quant_resi=config.quant_resi, share_quant_resi=config.share_quant_resi,
+            ema_codebook=config.ema_codebook, ema_decay=config.ema_decay,
+            restart_dead_codes=config.restart_dead_codes, dead_code_threshold=config.dead_code_threshold)
+        ks = config.quant_conv_ks
+        self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, ks, stride=1, padding=ks // 2)
+        if self.test_mode:
+            self.eval()
+        self.requires_grad_(not self.test_mode)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        # An EMA codebook is never a gradient parameter: optimisers and DDP must not wait for its gradient.
+        super().requires_grad_(requires_grad)
+        if self.config.ema_codebook:
+            self.quantize.embedding.weight.requires_grad_(False)
+        return self
+
+    @classmethod
+    def describe(cls, config: MSVQConfig) -> dict:
+        """The base facts plus ``vocab_size`` and ``patch_nums`` (tuple of sides, small to large),
+        which a next-scale generator must share."""
+        return {"latent_channels": config.z_channels, "downsample": 2 ** (len(config.ch_mult) - 1),
+                "image_channels": config.image_channels, "vocab_size": config.vocab_size,
+                "patch_nums": tuple(config.v_patch_nums)}
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        side = self.config.v_patch_nums[-1] * self.downsample
+        if images.ndim != 4 or images.shape[1] != self.config.image_channels or images.shape[-2:] != (side, side):
+            raise ValueError(f"msvq tokenizer: expected images (N, {self.config.image_channels}, {side}, {side}) "
+                             f"(side = v_patch_nums[-1] * downsample), got shape {tuple(images.shape)}")
+
+    def img_to_idxBl(self, images: torch.Tensor, v_patch_nums=None) -> list[torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] -> index pyramid: one LongTensor (B, pn*pn) per scale."""
+        self._check_images(images)
+        f_BChw = self.quant_conv(self.encoder(images))
+        return self.quantize.f_to_idxBl_or_fhat(f_BChw, to_fhat=False, v_patch_nums=v_patch_nums)
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cvae, h, w) -> images clamped to [-1, 1]."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor], same_shape: bool = True, last_one: bool = True):
+        """Index pyramid -> images in [-1, 1]: of the full pyramid (``last_one``) or one per prefix."""
+        B = ms_idx_Bl[0].shape[0]
+        ms_h_BChw = []
+        for idx_Bl in ms_idx_Bl:
+            pn = round(idx_Bl.shape[1] ** 0.5)
+            ms_h_BChw.append(self.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn))
+        f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=same_shape, last_one=last_one)
+        return self.fhat_to_img(f_hats) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+    def img_to_reconstructed_img(self, images: torch.Tensor, v_patch_nums=None, last_one: bool = False):
+        """Images -> their reconstruction after each scale (or only after all of them)."""
+        self._check_images(images)
+        f_hats = self.quantize.f_to_idxBl_or_fhat(self.quant_conv(self.encoder(images)), to_fhat=True,
+                                                  v_patch_nums=v_patch_nums)
+        return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
+
+    @torch.no_grad()
+    def training_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What VAR's trainer feeds its generator: ``(gt_BL, x_BLCv_wo_first_l)`` = the index
+        pyramid concatenated over scales (B, sum pn^2) and the teacher-forcing input
+        ``quantize.idxBl_to_var_input`` (B, sum pn^2 - pn_0^2, Cvae), float32."""
+        idx_Bl = self.img_to_idxBl(images)
+        return torch.cat(idx_Bl, dim=1), self.quantize.idxBl_to_var_input(idx_Bl)
+
+    cacheable = True  # the index pyramid is a deterministic function of the image (eval mode)
+
+    @torch.no_grad()
+    def cache_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The concatenated index pyramid (B, sum pn^2), int16 when the codebook allows."""
+        gt_BL = torch.cat(self.img_to_idxBl(images), dim=1)
+        return gt_BL.to(torch.int16 if self.vocab_size <= 2**15 else torch.int32)
+
+    @torch.no_grad()
+    def inputs_from_cache(self, gt_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``training_inputs`` rebuilt from :meth:`cache_inputs`: the teacher-forcing input is
+        recomputed from the indices (cheap), exactly as from an encoded image."""
+        gt_BL = gt_BL.long()
+        idx_Bl = list(gt_BL.split([pn * pn for pn in self.quantize.v_patch_nums], dim=1))
+        return gt_BL, self.quantize.idxBl_to_var_input(idx_Bl)
 
     # -------------------------------------------------------------------------------- training
 
