@@ -286,3 +286,21 @@ def test_make_grid_image_rgb_and_pad_value():
     assert grid.mode == "RGB" and grid.size == (2 * 6 + 1, 6 + 1)
     arr = np.asarray(grid)
     assert arr[0, 0].tolist() == [0, 0, 0] and arr[1, 1].tolist() == [128, 128, 128]
+
+
+def test_imagefolder_enumerates_its_two_flip_variants(tree):
+    ds = ImageFolderDataset(ImageFolderConfig(root=str(tree), image_size=16, random_flip=True, seed=5))
+    assert ds.num_variants == 2
+    seen = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            variant = ds.variant_of(i)
+            seen.add(variant)
+            assert torch.equal(ds[i][0], ds.get_variant(i, variant)[0])
+            assert torch.equal(ds.get_variant(i, 1)[0], ds.get_variant(i, 0)[0].flip(-1))
+    assert seen == {0, 1}
+    fixed = ImageFolderDataset(ImageFolderConfig(root=str(tree), image_size=16, random_flip=False))
+    assert fixed.num_variants == 1 and fixed.variant_of(0) == 0
+    with pytest.raises(ValueError, match="variant 1"):
+        fixed.get_variant(0, 1)

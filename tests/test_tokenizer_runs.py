@@ -172,3 +172,34 @@ def test_tokenizer_recipe_channels_must_match_the_data(tmp_path):
     raw["tokenizer"]["image_channels"] = 3
     with pytest.raises(ConfigError, match="1-channel images"):
         load_recipe(write(tmp_path / "t.yaml", raw))
+
+
+def test_cached_tokens_train_exactly_like_encoding_every_step(tmp_path, var_recipe_file):
+    tok_run = tmp_path / "tok"
+    Trainer(load_recipe(tmp_path / "tok.yaml"), tok_run, progress=False).fit()
+    overrides = [f"tokenizer.from={tok_run}", "train.max_steps=3"]
+    plain = Trainer(load_recipe(var_recipe_file, overrides), tmp_path / "plain", progress=False)
+    cached = Trainer(load_recipe(var_recipe_file, [*overrides, "train.cache_tokens=true"]), tmp_path / "cached",
+                     progress=False)
+    assert cached.token_cache.shape == (1797, 1 + 4 + 16) and cached.token_cache.dtype == torch.int16
+    assert (tmp_path / "cached" / "token_cache.safetensors").is_file()
+    plain_iter, cached_iter = iter(plain._loader()), iter(cached._loader())
+    for _ in range(3):
+        a, b = plain.train_step(plain_iter), cached.train_step(cached_iter)
+        assert a["loss"] == b["loss"]
+    for (name, p), q in zip(plain.model.named_parameters(), cached.model.parameters()):
+        assert torch.equal(p, q), name
+    # A second trainer on the same run directory reads the cache instead of encoding again.
+    again = Trainer(load_recipe(var_recipe_file, [*overrides, "train.cache_tokens=true"]), tmp_path / "cached",
+                    progress=False)
+    assert torch.equal(again.token_cache, cached.token_cache)
+
+
+def test_cache_tokens_needs_a_cacheable_tokenizer_and_a_generator_recipe(tmp_path, tiny_recipe_dict,
+                                                                         tokenizer_recipe_file):
+    tiny_recipe_dict["train"]["cache_tokens"] = True
+    recipe = recipe_from_dict(tiny_recipe_dict, source="tiny.yaml")
+    with pytest.raises(ConfigError, match="cannot cache its training inputs"):
+        Trainer(recipe, tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="no frozen tokenizer output to cache"):
+        Trainer(load_recipe(tokenizer_recipe_file, ["train.cache_tokens=true"]), tmp_path / "run2", progress=False)

@@ -2,13 +2,19 @@
 
     python tools/bench.py RECIPE [key.path=value ...] [--batch-size 8] [--steps 5] [--what train,sample,cfg]
 
-It times what the trainer and sampler do, on random latents of the generator's input shape:
+It times what the trainer and sampler do, on random latents of the generator's input shape (for a
+generator on a discrete tokenizer, VAR, on random images through the recipe's tokenizer, whose
+weights do not change its speed):
 
-- train: one optimizer step = loss (noise, forward, loss terms) + backward + AdamW, as in training,
-  also expressed in network forward passes at the same batch;
+- train: one optimizer step = loss (noise, forward, loss terms) + backward (+ clipping if the
+  recipe clips) + AdamW, as in training,
+  also expressed in network forward passes at the same batch; for VAR the step starts from images
+  (``tokenizer.training_inputs``: VQ-VAE encoder, quantiser, teacher-forcing input) as the official
+  trainer does, and the tokenizer's share is reported;
 - cfg: one guided network evaluation (``forward_with_cfg``) on ``--cfg-batch`` inputs, where the
   generator has one (DiT);
-- sample: a full ``generator.sample`` call with the recipe's sampling settings.
+- sample: a full ``generator.sample`` call with the recipe's sampling settings (VAR: KV-cached,
+  then the tokenizer's decoder, timed apart).
 
 Each measurement runs in a fresh subprocess so that its peak memory (RSS on a CPU, allocated
 memory on a GPU) is its own. These machines are noisy: compare only runs made back to back.
@@ -32,8 +38,15 @@ def build(recipe_path: str, overrides: list[str]):
     from zoo.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    generator = recipe.model.build(objective=recipe.objective.build())
+    if recipe.model is None:
+        raise SystemExit(f"{recipe_path}: a tokenizer recipe; tools/bench.py measures generators")
+    objective = recipe.objective.build() if recipe.objective is not None else None
+    generator = recipe.model.build(objective=objective)
     return recipe, generator
+
+
+def discrete(generator) -> bool:
+    return getattr(generator, "TOKENIZER_KIND", "continuous") == "discrete"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -51,7 +64,15 @@ def measure(args) -> dict:
     generator.to(device)
     if args.compile != "none":
         generator.compile(mode=args.compile)
-    shape = generator.latent_shape
+    tokenizer = None
+    if discrete(generator):
+        from zoo.recipe import data_info
+
+        tokenizer = recipe.tokenizer.build().to(device).eval().requires_grad_(False)
+        side = data_info(recipe)["image_size"]
+        shape = (tokenizer.config.image_channels, side, side)  # images in, as the trainer feeds them
+    else:
+        shape = generator.latent_shape
     num_classes = getattr(generator, "num_classes", 1)
     result = {"what": args.child, "model": recipe.model.name, "latent_shape": list(shape),
               "params_M": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
@@ -66,38 +87,61 @@ def measure(args) -> dict:
         generator.train()
         optimizer, _ = make_optimizer(generator, recipe.train)
         latents = torch.randn(batch, *shape, device=device)
+        if tokenizer is not None:
+            latents = latents.clamp(-1, 1)
         labels = torch.randint(0, num_classes, (batch,), device=device)
+        tokenizer_seconds = []
+        cached = None
+        if tokenizer is not None and args.cache_tokens:
+            with torch.no_grad():
+                cached = tokenizer.cache_inputs(latents)
+            result["cache_tokens"] = True
 
         def step():
+            inputs = latents
+            if tokenizer is not None:
+                sync()
+                start = time.perf_counter()
+                with torch.no_grad():
+                    inputs = (tokenizer.training_inputs(latents) if cached is None
+                              else tokenizer.inputs_from_cache(cached))
+                sync()
+                tokenizer_seconds.append(time.perf_counter() - start)
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
-                loss = generator.loss(latents, labels)["loss"]
+                loss = generator.loss(inputs, labels)["loss"]
             loss.backward()
+            if recipe.train.grad_clip > 0:  # as the trainer does
+                torch.nn.utils.clip_grad_norm_(generator.parameters(), recipe.train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         for _ in range(args.warmup):
             step()
         sync()
+        tokenizer_seconds.clear()
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
         sync()
         seconds = (time.perf_counter() - start) / args.steps
-        # One network evaluation at the same batch (a 1-step, unguided sample), to express the
-        # step's cost in forward passes (a MeanFlow step pays for a JVP and a guided target).
-        generator.eval()
-        one_step = {k: v for k, v in {"steps": 1, "cfg_scale": 1.0}.items()
-                    if k in inspect.signature(generator.sample).parameters}
-        with torch.no_grad():
-            generator.sample(labels, **one_step)
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
+        result.update(batch=batch, seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 2))
+        if tokenizer_seconds:
+            result["tokenizer_seconds_per_step"] = round(sum(tokenizer_seconds) / len(tokenizer_seconds), 4)
+        params = inspect.signature(generator.sample).parameters
+        if "steps" in params:
+            # One network evaluation at the same batch (a 1-step, unguided sample), to express the
+            # step's cost in forward passes (a MeanFlow step pays for a JVP and a guided target).
+            generator.eval()
+            one_step = {k: v for k, v in {"steps": 1, "cfg_scale": 1.0}.items() if k in params}
+            with torch.no_grad():
                 generator.sample(labels, **one_step)
-            sync()
-        forward = (time.perf_counter() - start) / args.steps
-        result.update(batch=batch, seconds_per_step=round(seconds, 4), images_per_s=round(batch / seconds, 2),
-                      seconds_per_forward=round(forward, 4), step_in_forward_passes=round(seconds / forward, 2))
+                sync()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    generator.sample(labels, **one_step)
+                sync()
+            forward = (time.perf_counter() - start) / args.steps
+            result.update(seconds_per_forward=round(forward, 4), step_in_forward_passes=round(seconds / forward, 2))
     elif args.child == "cfg":
         if not hasattr(generator, "forward_with_cfg"):
             return {**result, "skipped": "generator has no forward_with_cfg"}
@@ -124,16 +168,29 @@ def measure(args) -> dict:
         pipe = Pipeline(generator, torch.nn.Identity(), recipe.sample, num_classes=num_classes, image_size=None)
         pipe.tokenizer.decode = lambda z: z
         kwargs = pipe.sampling_kwargs()
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
         labels = torch.arange(batch) % max(1, num_classes)
         gen = torch.Generator(device=device).manual_seed(0)
-        generator.sample(labels[:2].to(device), generator=gen, **{**kwargs, "steps": 2})  # warm-up
-        sync()
-        start = time.perf_counter()
-        generator.sample(labels.to(device), generator=gen, **kwargs)
-        sync()
-        seconds = time.perf_counter() - start
+        warm = {**kwargs, "steps": 2} if "steps" in kwargs else kwargs
+        with torch.no_grad():
+            generator.sample(labels[:2].to(device), generator=gen, **warm)  # warm-up
+            sync()
+            start = time.perf_counter()
+            latents = generator.sample(labels.to(device), generator=gen, **kwargs)
+            sync()
+            seconds = time.perf_counter() - start
+            decode = None
+            if tokenizer is not None:
+                start = time.perf_counter()
+                tokenizer.decode(latents)
+                sync()
+                decode = time.perf_counter() - start
+        kwargs.pop("tokenizer", None)
         result.update(batch=batch, sampling=kwargs, seconds_per_batch=round(seconds, 3),
                       images_per_s=round(batch / seconds, 3))
+        if decode is not None:
+            result.update(decode_seconds=round(decode, 3), seconds_per_batch_with_decode=round(seconds + decode, 3))
     result["peak_memory_MB"] = round(peak_memory_mb(device), 1)
     return result
 
@@ -152,6 +209,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"))
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the training step")
+    parser.add_argument("--cache-tokens", action="store_true",
+                        help="VAR: train from cached token indices (train.cache_tokens) instead of encoding images")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args()
     if args.threads:

@@ -57,6 +57,20 @@ class ImageDataset(Dataset):
         """Whether item ``index`` is mirrored left-right this epoch (a fair coin from :meth:`rng`)."""
         return bool(self.rng(index).integers(0, 2))
 
+    #: How many distinct versions of an item augmentation can produce (1: none, 2: a flip), or None
+    #: when augmentation is continuous. With a number, ``variant_of``/``get_variant`` let the trainer
+    #: cache a frozen tokenizer's output per (item, variant) (``train.cache_tokens``).
+    num_variants: int | None = None
+
+    def variant_of(self, index: int) -> int:
+        """Which of the ``num_variants`` versions ``__getitem__(index)`` gives this epoch."""
+        raise NotImplementedError(f"{type(self).__name__} does not enumerate its augmentations")
+
+    def get_variant(self, index: int, variant: int):
+        """Item ``index`` as version ``variant`` (what ``__getitem__`` gives in an epoch where
+        ``variant_of(index) == variant``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not enumerate its augmentations")
+
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -126,3 +126,13 @@ class DigitsDataset(ImageDataset):
 
     def __getitem__(self, index: int):
         return self.images[index].clone(), self.labels[index].clone()
+
+    num_variants = 1  # no augmentation
+
+    def variant_of(self, index: int) -> int:
+        return 0
+
+    def get_variant(self, index: int, variant: int):
+        if variant != 0:
+            raise ValueError(f"digits items have one variant (no augmentation), got variant {variant}")
+        return self[index]

@@ -140,7 +140,20 @@ class ImageFolderDataset(ImageDataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        return self.get_variant(index, self.variant_of(index))
+
+    @property
+    def num_variants(self) -> int:
+        return 2 if self.config.random_flip else 1  # the crop is fixed; only the flip varies
+
+    def variant_of(self, index: int) -> int:
+        return int(self.config.random_flip and self.flip_for(index))
+
+    def get_variant(self, index: int, variant: int):
+        if not 0 <= variant < self.num_variants:
+            raise ValueError(f"variant {variant}: this dataset has {self.num_variants} (random_flip="
+                             f"{self.config.random_flip})")
         arr = center_crop_arr(load_image(self.paths[index], self.channels), self.image_size)
-        if self.config.random_flip and self.flip_for(index):
+        if variant:
             arr = arr[:, ::-1]
         return to_tensor_pm1(np.ascontiguousarray(arr)), self.labels[index].clone()

@@ -51,10 +51,15 @@ class LossModule(nn.Module):
 
 
 class EpochIndexed(Dataset):
-    """Index ``epoch · n + i`` -> item ``i`` of epoch ``epoch`` (deterministic augmentation in any worker)."""
+    """Index ``epoch · n + i`` -> item ``i`` of epoch ``epoch`` (deterministic augmentation in any worker).
 
-    def __init__(self, dataset):
+    With ``keys_only`` the image is not loaded: items are ``(empty, label, i · num_variants + variant)``,
+    the row of the token cache that holds this item's tokenizer output this epoch.
+    """
+
+    def __init__(self, dataset, keys_only: bool = False):
         self.dataset = dataset
+        self.keys_only = keys_only
 
     def __len__(self):
         return len(self.dataset)
@@ -63,7 +68,12 @@ class EpochIndexed(Dataset):
         epoch, index = divmod(key, len(self.dataset))
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        if not self.keys_only:
+            return self.dataset[index]
+        labels = getattr(self.dataset, "labels", None)
+        label = labels[index].clone() if labels is not None else self.dataset[index][1]
+        row = index * self.dataset.num_variants + self.dataset.variant_of(index)
+        return torch.empty(0), label, torch.tensor(row)
 
 
 class _EpochOffsetSampler(torch.utils.data.Sampler):
@@ -132,7 +142,11 @@ class Trainer:
 
         # Data first: a missing folder or a class-count mismatch fails before models are built.
         self.dataset = recipe.data.build()
+        self.token_cache = None
         if recipe.trains_tokenizer:
+            if self.cfg.cache_tokens:
+                raise ConfigError(f"{recipe.where('train.cache_tokens')}: a tokenizer recipe trains its tokenizer; "
+                                  f"there is no frozen tokenizer output to cache")
             self.tokenizer = None
             self.objective = None
             self.model = recipe.tokenizer.build().train().requires_grad_(True)
@@ -143,6 +157,7 @@ class Trainer:
                 raise ConfigError(f"{recipe.where('model.num_classes')}: {model_classes}, but the dataset has "
                                   f"{classes} classes; set model.num_classes={classes}")
             self.tokenizer = self._build_tokenizer(tokenizer_dir).to(acc.device).eval().requires_grad_(False)
+            self.token_cache = self._token_cache() if self.cfg.cache_tokens else None
             self.objective = recipe.objective.build() if recipe.objective is not None else None
             self.model = recipe.model.build(objective=self.objective)
         self.ema = make_ema(self.model)
@@ -197,11 +212,63 @@ class Trainer:
         if tokenizer_dir is not None:
             return load_tokenizer_dir(tokenizer_dir)
         tokenizer = self.recipe.tokenizer.build()
-        if getattr(type(tokenizer), "trainable", False) and any(True for _ in tokenizer.parameters()):
+        pretrained = getattr(self.recipe.tokenizer.config, "pretrained", "")
+        if getattr(type(tokenizer), "trainable", False) and not pretrained and any(True for _ in tokenizer.parameters()):
             print(f"warning: {self.recipe.where('tokenizer')}: {self.recipe.tokenizer.name!r} is built with random "
                   f"weights; name trained ones with tokenizer.from (a tokenizer recipe, run directory or Hub repo)",
                   file=sys.stderr)
         return tokenizer
+
+    # ------------------------------------------------------------------------------ token cache
+
+    def _token_cache(self) -> torch.Tensor:
+        """Every item's ``tokenizer.cache_inputs`` in every augmentation variant (row
+        ``index · num_variants + variant``), computed once and kept in RUN_DIR/token_cache.safetensors."""
+        where = self.recipe.where("train.cache_tokens")
+        if not getattr(self.tokenizer, "cacheable", False):
+            raise ConfigError(f"{where}: tokenizer {self.recipe.tokenizer.name!r} cannot cache its training inputs "
+                              f"(they are not a fixed function of the image)")
+        variants = getattr(self.dataset, "num_variants", None)
+        if variants is None:
+            raise ConfigError(f"{where}: dataset {self.recipe.data.name!r} has continuous augmentation, so its "
+                              f"images cannot be encoded ahead of time")
+        acc = self.accelerator
+        path = self.run_dir / "token_cache.safetensors"
+        fingerprint = json.dumps({"tokenizer": self.recipe.tokenizer.to_dict(), "data": self.recipe.data.to_dict(),
+                                  "source": str(getattr(self.recipe.tokenizer_source, "path", None)),
+                                  "rows": len(self.dataset) * variants}, sort_keys=True)
+        with acc.main_process_first():
+            cached = self._read_token_cache(path, fingerprint)
+            if cached is None:
+                cached = self._encode_dataset(variants)
+                if acc.is_main_process:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    save_safetensors(path, {"tokens": cached}, metadata={"fingerprint": fingerprint})
+        return cached
+
+    @staticmethod
+    def _read_token_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            return handle.get_tensor("tokens")
+
+    @torch.no_grad()
+    def _encode_dataset(self, variants: int) -> torch.Tensor:
+        device = self.accelerator.device
+        n = len(self.dataset)
+        chunk = max(1, self.cfg.batch_size // self.cfg.grad_accum_steps // self.accelerator.num_processes)
+        rows: list[torch.Tensor] = []
+        keys = [(i, v) for i in range(n) for v in range(variants)]  # row order: i * variants + v
+        for start in tqdm(range(0, len(keys), chunk), desc="encoding the dataset once (train.cache_tokens)",
+                          disable=not (self.progress and self.accelerator.is_main_process), dynamic_ncols=True):
+            images = torch.stack([self.dataset.get_variant(i, v)[0] for i, v in keys[start:start + chunk]])
+            rows.append(self.tokenizer.cache_inputs(images.to(device)).cpu())
+        return torch.cat(rows)
 
     # ------------------------------------------------------------------------------ checkpoints
 
@@ -285,7 +352,8 @@ class Trainer:
         batches = StepBatchSampler(len(self.dataset), self.cfg.batch_size, seed=self.cfg.seed,
                                    accum=self.cfg.grad_accum_steps, rank=acc.process_index,
                                    world=acc.num_processes, start_step=self.step)
-        return DataLoader(EpochIndexed(self.dataset), batch_sampler=_EpochOffsetSampler(batches),
+        return DataLoader(EpochIndexed(self.dataset, keys_only=self.token_cache is not None),
+                          batch_sampler=_EpochOffsetSampler(batches),
                           num_workers=self.cfg.num_workers, pin_memory=acc.device.type == "cuda",
                           persistent_workers=False)
 
@@ -307,10 +375,12 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         self.loss_module.train()
         for micro in range(cfg.grad_accum_steps):
-            images, labels = next(batch_iter)
+            images, labels, *rows = next(batch_iter)
             images, labels = images.to(acc.device), labels.to(acc.device)
             torch.manual_seed(step_seed(cfg.seed, self.step, micro, acc.process_index))
-            if self.tokenizer is None:
+            if rows:  # train.cache_tokens
+                inputs = (self.tokenizer.inputs_from_cache(self.token_cache[rows[0]].to(acc.device)), labels)
+            elif self.tokenizer is None:
                 inputs = (images,)
             else:
                 with torch.no_grad():
