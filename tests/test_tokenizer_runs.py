@@ -105,6 +105,14 @@ def test_generator_recipe_trains_its_tokenizer_recipe_first_then_reuses_it(tmp_p
     # The generator's run directory is self-contained: its tokenizer weights are the trained ones.
     copied = load_file(str(run / "tokenizer.safetensors"))
     assert all(torch.equal(copied[k], v) for k, v in trained.items())
+    # zoo-sample drives VAR's sampler: its flags reach it, and the diffusion-only ones are refused.
+    from zoo.cli.sample import main as sample
+
+    out = tmp_path / "var.png"
+    assert sample([str(run), "--num", "4", "--labels", "3", "--top-k", "3", "--top-p", "0.9", "--cfg-scale", "1.5",
+                   "--more-smooth", "--out", str(out)]) == 0 and out.is_file()
+    assert sample([str(run), "--num", "2", "--steps", "10", "--out", str(out)]) == 2
+    assert "takes no 'steps'" in capsys.readouterr().err
     # A second trainer on the same run directory reuses the finished tokenizer instead of retraining.
     Trainer(recipe, run, resume=True, progress=False)
     assert "reusing" in capsys.readouterr().out

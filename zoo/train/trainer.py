@@ -213,7 +213,8 @@ class Trainer:
             return load_tokenizer_dir(tokenizer_dir)
         tokenizer = self.recipe.tokenizer.build()
         pretrained = getattr(self.recipe.tokenizer.config, "pretrained", "")
-        if getattr(type(tokenizer), "trainable", False) and not pretrained and any(True for _ in tokenizer.parameters()):
+        has_weights = any(True for _ in tokenizer.parameters())
+        if getattr(type(tokenizer), "trainable", False) and not pretrained and has_weights:
             print(f"warning: {self.recipe.where('tokenizer')}: {self.recipe.tokenizer.name!r} is built with random "
                   f"weights; name trained ones with tokenizer.from (a tokenizer recipe, run directory or Hub repo)",
                   file=sys.stderr)
