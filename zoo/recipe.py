@@ -266,7 +266,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, _seen: tu
             raise ConfigError(f"{source}: objective: {what} no objective; remove the section")
         objective = _component("objective", "objective", _section(raw, "objective", source), source)
     elif objectives != ():
-        objective = _component("objective", "objective", {"name": "gaussian"}, source)
+        default = getattr(model.entry.builder, "DEFAULT_OBJECTIVE", {"name": "gaussian"})
+        objective = _component("objective", "objective", dict(default), source)
     data = _component("dataset", "data", _section(raw, "data", source), source)
     for section in ("train", "sample"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):

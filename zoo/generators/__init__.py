@@ -1,7 +1,8 @@
 """Generator families; importing this package registers them."""
 
 from zoo.generators.dit import DiT, DiTConfig
+from zoo.generators.mar import MAR, MARConfig
 from zoo.generators.mfdit import MFDiT, MFDiTConfig
 from zoo.generators.var import VAR, VARConfig
 
-__all__ = ["DiT", "DiTConfig", "MFDiT", "MFDiTConfig", "VAR", "VARConfig"]
+__all__ = ["DiT", "DiTConfig", "MAR", "MARConfig", "MFDiT", "MFDiTConfig", "VAR", "VARConfig"]
