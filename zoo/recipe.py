@@ -102,13 +102,20 @@ class SampleConfig:
     top_k: int = 0  # VAR: keep the k most likely tokens (0 = all)
     top_p: float = 0.0  # VAR: keep the smallest set of tokens with this much probability (0 = all)
     more_smooth: bool = False  # VAR: Gumbel-softmax blending of embeddings (smoother, less faithful)
+    num_iter: int = 64  # MAR: unmasking iterations
+    cfg_schedule: str = "linear"  # MAR: guidance rising with the unmasked fraction, or constant
+    temperature: float = 1.0  # MAR: temperature of the per-token diffusion sampler
+
+    CHOICES = {"cfg_schedule": ("linear", "constant")}
 
     def __post_init__(self):
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
-        for name in ("steps", "num", "batch_size"):
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("steps", "num", "batch_size", "num_iter"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="VAR: nucleus sampling mass (0 = off)")
     p.add_argument("--more-smooth", action="store_true", default=None,
                    help="VAR: Gumbel-softmax blending of token embeddings")
+    p.add_argument("--num-iter", type=int, default=None, help="MAR: unmasking iterations")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help="MAR: guidance schedule")
+    p.add_argument("--temperature", type=float, default=None, help="MAR: diffusion sampling temperature")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             labels, seed=defaults.seed if args.seed is None else args.seed,
             batch_size=args.batch_size or defaults.batch_size, progress=True,
             sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
-            top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+            top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth, num_iter=args.num_iter,
+            cfg_schedule=args.cfg_schedule, temperature=args.temperature)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
             arrays = {"arr_0": to_uint8(images), "arr_1": labels.numpy().astype(np.int64)}
