@@ -45,7 +45,7 @@ from zoo.config import ConfigError
 from zoo.io import load_state_strict
 from zoo.registry import register_tokenizer
 from zoo.tokenizers.base import Tokenizer
-from zoo.tokenizers.ldm import GROUPS, AttnBlock, Decoder, Encoder
+from zoo.tokenizers.ldm import GROUPS, AttnBlock, Decoder, Encoder, check_widths
 
 # Known architectures. A preset fixes every field it names.
 _SD_VAE = dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4, image_channels=3,
@@ -99,13 +99,7 @@ class KLVAEConfig:
     def __post_init__(self):
         if self.preset:
             self._apply_preset()
-        if not self.ch_mult:
-            raise ConfigError("ch_mult must list at least one multiplier")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS or self.ch * m <= 0]
-        if bad:
-            raise ConfigError(f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives channel widths {bad} that "
-                              f"GroupNorm({GROUPS}) cannot split; ch * each multiplier must be a positive "
-                              f"multiple of {GROUPS}")
+        check_widths(self.ch, self.ch_mult)
         for name in ("num_res_blocks", "z_channels", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

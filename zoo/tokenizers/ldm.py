@@ -21,6 +21,19 @@ from torch import nn
 GROUPS = 32  # every GroupNorm of the LDM encoder/decoder uses 32 groups
 
 
+def check_widths(ch: int, ch_mult, hint: str = "") -> None:
+    """ConfigError unless every level width ``ch * m`` is a positive multiple of GROUPS (GroupNorm)."""
+    from zoo.config import ConfigError
+
+    if not ch_mult:
+        raise ConfigError("ch_mult must list at least one multiplier")
+    bad = [ch * m for m in ch_mult if (ch * m) % GROUPS or ch * m <= 0]
+    if bad:
+        raise ConfigError(f"ch={ch} with ch_mult={tuple(ch_mult)} gives channel widths {bad} that "
+                          f"GroupNorm({GROUPS}) cannot split; ch * each multiplier must be a positive "
+                          f"multiple of {GROUPS}{hint}")
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=GROUPS, num_channels=channels, eps=1e-6, affine=True)
 

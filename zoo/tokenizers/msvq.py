@@ -32,7 +32,7 @@ from torch import nn
 from zoo.config import ConfigError
 from zoo.registry import register_tokenizer
 from zoo.tokenizers.base import Tokenizer
-from zoo.tokenizers.ldm import GROUPS, Decoder, Encoder, FusedQKVAttnBlock
+from zoo.tokenizers.ldm import Decoder, Encoder, FusedQKVAttnBlock, check_widths
 
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA codebook's cluster sizes
 
@@ -69,13 +69,7 @@ class MSVQConfig:
     CHOICES = {"image_channels": (1, 3, 4), "quant_conv_ks": (1, 3, 5, 7), "recon_loss": ("l1", "l2")}
 
     def __post_init__(self):
-        if not self.ch_mult:
-            raise ConfigError("ch_mult must list at least one multiplier")
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % GROUPS or self.ch * m <= 0]
-        if bad:
-            raise ConfigError(f"ch={self.ch} with ch_mult={tuple(self.ch_mult)} gives channel widths {bad} that "
-                              f"GroupNorm({GROUPS}) cannot split; ch * each multiplier must be a positive "
-                              f"multiple of {GROUPS} (the release uses ch=160)")
+        check_widths(self.ch, self.ch_mult, hint=" (the release uses ch=160)")
         if self.vocab_size < 1 or self.z_channels < 1:
             raise ConfigError(f"vocab_size and z_channels must be positive, got {self.vocab_size} and "
                               f"{self.z_channels}")
