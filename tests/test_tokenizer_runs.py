@@ -211,3 +211,16 @@ def test_cache_tokens_needs_a_cacheable_tokenizer_and_a_generator_recipe(tmp_pat
         Trainer(recipe, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="no frozen tokenizer output to cache"):
         Trainer(load_recipe(tokenizer_recipe_file, ["train.cache_tokens=true"]), tmp_path / "run2", progress=False)
+
+
+def test_a_hub_repo_id_that_cannot_be_fetched_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    raw = copy.deepcopy(VAR_RECIPE)
+    raw["tokenizer"] = {"from": "some-org/no-such-tokenizer"}
+    with pytest.raises(FileNotFoundError, match="some-org/no-such-tokenizer: not a local directory, and the Hub "
+                                                "repo could not be fetched"):
+        recipe_from_dict(raw, source=str(tmp_path / "v.yaml"))
