@@ -338,3 +338,14 @@ def test_a_recipe_without_objective_gets_the_release_head_objective():
     del raw["objective"]
     recipe = recipe_from_dict(raw, source="mar.yaml")
     assert recipe.objective.config.noise_schedule == "cosine" and recipe.objective.config.learn_sigma
+
+
+def test_clip_denoised_keeps_an_untrained_head_in_pixel_range():
+    # At initialisation the head predicts eps = 0, so each step's x0 estimate is x_t / sqrt(alpha_bar):
+    # unclipped (the release, for latent tokens) it explodes; clipped (for pixel tokens) it stays in range.
+    torch.manual_seed(0)
+    head = DiffLoss(target_channels=4, z_channels=6, depth=1, width=16, num_sampling_steps="10")
+    z = torch.randn(8, 6)
+    raw = head.sample(z, generator=torch.Generator().manual_seed(0))
+    clipped = head.sample(z, generator=torch.Generator().manual_seed(0), clip_denoised=True)
+    assert raw.abs().max() > 10 and clipped.abs().max() <= 1.0 + 1e-5

@@ -175,13 +175,17 @@ class DiffLoss(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg=1.0, *,
-               generator: torch.Generator | None = None, num_sampling_steps: str | int | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, num_sampling_steps: str | int | None = None,
+               clip_denoised: bool = False) -> torch.Tensor:
         """Tokens (N, C) drawn for conditions z (N, z_channels) by ancestral sampling.
 
         With ``cfg != 1`` the batch is [conditional; unconditional] halves that share their starting
         noise and are guided by :meth:`SimpleMLPAdaLN.forward_with_cfg`. ``temperature`` scales the
         per-step noise only. All draws come from ``generator`` (the global RNG when None): the
         starting noise, then one normal draw per step (also at the last step, where it is unused).
+        ``clip_denoised`` clips each step's x0 prediction to [-1, 1]: off in the release (latent
+        tokens); for pixel tokens it keeps an imperfect head from blowing up at the first steps,
+        where the cosine schedule divides by sqrt(alpha_bar) ~ 1e-4.
         """
         diffusion = self.gen_diffusion if num_sampling_steps is None else \
             self.objective.sampling_diffusion(num_sampling_steps)
@@ -194,6 +198,6 @@ class DiffLoss(nn.Module):
             model_fn, model_kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
             model_fn, model_kwargs = self.net.forward, dict(c=z)
-        return diffusion.p_sample_loop(model_fn, tuple(noise.shape), noise=noise, clip_denoised=False,
+        return diffusion.p_sample_loop(model_fn, tuple(noise.shape), noise=noise, clip_denoised=clip_denoised,
                                        model_kwargs=model_kwargs, device=z.device, temperature=temperature,
                                        generator=generator)
