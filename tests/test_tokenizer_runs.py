@@ -224,3 +224,15 @@ def test_a_hub_repo_id_that_cannot_be_fetched_offline_is_a_clear_error(tmp_path,
     with pytest.raises(FileNotFoundError, match="some-org/no-such-tokenizer: not a local directory, and the Hub "
                                                 "repo could not be fetched"):
         recipe_from_dict(raw, source=str(tmp_path / "v.yaml"))
+
+
+def test_a_tokenizer_run_resumes_exactly_including_its_hit_statistics(tmp_path, tokenizer_recipe_file):
+    recipe = load_recipe(tokenizer_recipe_file, ["train.max_steps=4", "tokenizer.restart_dead_codes=true"])
+    Trainer(recipe, tmp_path / "whole", progress=False).fit()
+    Trainer(recipe, tmp_path / "split", progress=False).fit(stop_at=2)
+    Trainer(recipe, tmp_path / "split", resume=True, progress=False).fit()
+    for name in ("tokenizer.safetensors", "tokenizer_raw.safetensors"):
+        whole, split = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "split" / name))
+        assert whole.keys() == split.keys()
+        for key in whole:
+            assert torch.equal(whole[key], split[key]), (name, key)

@@ -498,6 +498,13 @@ class MSVQTokenizer(Tokenizer):
                                                   v_patch_nums=v_patch_nums)
         return self.fhat_to_img(f_hats[-1]) if last_one else [self.fhat_to_img(f) for f in f_hats]
 
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Called by the trainer before each optimizer step. The official per-scale hit statistics
+        (``ema_vocab_hit_SV``) pick their momentum from a call counter that is not saved; after a
+        resume it restarts from the count one forward per step implies (exact with one micro-batch
+        per step), instead of from 0, which would overwrite the restored statistics."""
+        self.quantize.record_hit = max(self.quantize.record_hit, step * len(self.quantize.v_patch_nums))
+
     @torch.no_grad()
     def training_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What VAR's trainer feeds its generator: ``(gt_BL, x_BLCv_wo_first_l)`` = the index
