@@ -124,11 +124,10 @@ def test_every_shipped_recipe_parses_and_builds_with_tiny_overrides(path, tmp_pa
         tokenizer = recipe.tokenizer.build()
         assert tokenizer.trainable and sum(p.numel() for p in tokenizer.parameters()) > 0
         return
-    tiny = {"depth": 1}
-    if hasattr(recipe.model.config, "hidden_size"):
-        tiny.update(hidden_size=32, num_heads=2)
-    if hasattr(recipe.model.config, "embed_dim"):
-        tiny.update(embed_dim=32, num_heads=2)
+    small = dict(depth=1, hidden_size=32, embed_dim=32, num_heads=2, encoder_depth=1, decoder_depth=1,
+                 encoder_embed_dim=32, decoder_embed_dim=32, encoder_num_heads=2, decoder_num_heads=2,
+                 diffloss_d=1, diffloss_w=32)
+    tiny = {k: v for k, v in small.items() if hasattr(recipe.model.config, k)}
     fields = {k: v for k, v in recipe.model.to_dict().items() if k != "name"} | tiny
     objective = recipe.objective.build() if recipe.objective is not None else None
     model = recipe.model.entry.build(recipe.model.entry.make_config(fields), objective=objective)
