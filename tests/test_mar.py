@@ -349,3 +349,20 @@ def test_clip_denoised_keeps_an_untrained_head_in_pixel_range():
     raw = head.sample(z, generator=torch.Generator().manual_seed(0))
     clipped = head.sample(z, generator=torch.Generator().manual_seed(0), clip_denoised=True)
     assert raw.abs().max() > 10 and clipped.abs().max() <= 1.0 + 1e-5
+
+
+def test_zoo_sample_drives_mar_with_steps_as_unmasking_iterations(tmp_path, capsys):
+    from zoo.cli.sample import main as sample
+    from zoo.recipe import recipe_from_dict
+    from zoo.train.trainer import Trainer
+
+    raw = copy.deepcopy(RECIPE)
+    raw["train"] = {"batch_size": 8, "max_steps": 1, "log_every": 1, "tensorboard": False}
+    raw["sample"] = {"num": 4, "batch_size": 4, "num_iter": 2}
+    run = tmp_path / "run"
+    Trainer(recipe_from_dict(raw, source="mar.yaml"), run, progress=False).fit()
+    out = tmp_path / "mar.png"
+    assert sample([str(run), "--num", "3", "--steps", "2", "--diffusion-steps", "ddim3", "--cfg-scale", "1.5",
+                   "--cfg-schedule", "constant", "--temperature", "0.9", "--out", str(out)]) == 0 and out.is_file()
+    assert sample([str(run), "--steps", "2", "--num-iter", "3", "--out", str(out)]) == 2
+    assert "disagree" in capsys.readouterr().err

@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="VAR: nucleus sampling mass (0 = off)")
     p.add_argument("--more-smooth", action="store_true", default=None,
                    help="VAR: Gumbel-softmax blending of token embeddings")
-    p.add_argument("--num-iter", type=int, default=None, help="MAR: unmasking iterations")
+    p.add_argument("--num-iter", type=int, default=None,
+                   help="MAR: unmasking iterations (--steps means the same for a generator without diffusion steps)")
+    p.add_argument("--diffusion-steps", default=None,
+                   help="MAR: steps of the per-token diffusion sampler, e.g. 100 or ddim25 (default: the model's)")
     p.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None, help="MAR: guidance schedule")
     p.add_argument("--temperature", type=float, default=None, help="MAR: diffusion sampling temperature")
     p.add_argument("--seed", type=int, default=None)
@@ -66,11 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num must be >= 1, got {num}")
         labels_spec = args.labels or defaults.labels
         labels = parse_labels(labels_spec, num, pipe.num_classes)
+        # --steps counts a generator's own iterations: diffusion steps, or MAR's unmasking iterations.
+        options = pipe.sampling_options()
+        steps = {"steps": args.steps, "num_iter": args.num_iter}
+        if args.steps is not None and "steps" not in options and "num_iter" in options:
+            if args.num_iter is not None and args.num_iter != args.steps:
+                raise ValueError(f"--steps {args.steps} and --num-iter {args.num_iter} disagree; give one")
+            steps = {"num_iter": args.steps}
         images = pipe.generate(
             labels, seed=defaults.seed if args.seed is None else args.seed,
             batch_size=args.batch_size or defaults.batch_size, progress=True,
-            sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
-            top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth, num_iter=args.num_iter,
+            sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta,
+            top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+            num_sampling_steps=args.diffusion_steps, **steps,
             cfg_schedule=args.cfg_schedule, temperature=args.temperature)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".npz":
