@@ -25,12 +25,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.config import ConfigError
-from zoo.nn import Mlp
+from zoo.nn import Attention, Mlp
 from zoo.nn.diffloss import DiffLoss, default_head_objective
 from zoo.registry import register_generator
 
@@ -102,24 +101,6 @@ class MARConfig:
 #################################################################################
 
 
-class Attention(nn.Module):
-    """timm's ``Attention`` (``qkv``, ``proj``) with its attention and projection dropout."""
-
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        q, k, v = self.qkv(x_BLC).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out_BHLc = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C)))
-
-
 class Block(nn.Module):
     """Pre-norm ViT block with timm ``Block``'s names (``norm1``, ``attn``, ``norm2``, ``mlp``) and
     dropouts (``proj_drop`` after the attention projection and after both MLP layers)."""
@@ -128,7 +109,7 @@ class Block(nn.Module):
                  proj_drop: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.mlp_drop = nn.Dropout(proj_drop)
