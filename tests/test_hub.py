@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -55,6 +57,12 @@ def fake_run_dir(path: Path, pipe: Pipeline) -> Path:
     (path / "checkpoints" / "step-0000010" / "optimizer.bin").write_bytes(b"x" * 100)
     (path / "samples.png").write_bytes(b"png")
     return path
+
+
+def tiny_msvq(image_channels: int = 3):
+    torch.manual_seed(0)
+    return create_tokenizer("msvq", vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4),
+                            image_channels=image_channels).eval()
 
 
 def images(pipe: Pipeline) -> torch.Tensor:
@@ -269,3 +277,135 @@ def test_a_tokenizer_run_is_pushed_resharded_and_comes_back_as_the_tokenizer(hub
     loaded = zoo.from_pretrained("org/msvq")
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     assert torch.equal(loaded.encode(x), tokenizer.encode(x))
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+# as zoo.from_pretrained returns them save and push themselves, like a Pipeline
+
+
+def reconstruct(tokenizer, x: torch.Tensor) -> torch.Tensor:
+    return tokenizer.decode(tokenizer.encode(x))
+
+
+def test_a_loaded_tokenizer_saves_itself_and_loads_back_the_same(tmp_path):
+    tokenizer = tiny_msvq()
+    zoo.hub.save_pretrained(tokenizer, tmp_path / "tok")
+    loaded = zoo.from_pretrained(tmp_path / "tok")
+    assert loaded.save_pretrained(tmp_path / "again", license="mit", tags=["mine"]) == tmp_path / "again"
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["README.md", "config.json",
+                                                                      "tokenizer.safetensors"]
+    front = yaml.safe_load((tmp_path / "again" / "README.md").read_text().split("---")[1])
+    assert front["license"] == "mit" and {"image-tokenizer", "mine"} <= set(front["tags"])
+    reloaded = zoo.from_pretrained(tmp_path / "again")
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert type(reloaded) is type(tokenizer)
+    assert torch.equal(reconstruct(reloaded, x), reconstruct(tokenizer, x))
+
+
+def test_a_loaded_tokenizer_pushes_itself_to_the_hub_and_pulls_back_the_same_weights(hub, tmp_path):
+    tokenizer = tiny_msvq()
+    zoo.hub.save_pretrained(tokenizer, tmp_path / "tok")
+    loaded = zoo.from_pretrained(tmp_path / "tok")
+    url = loaded.push_to_hub("org/tok", private=True, revision="v1", commit_message="tokenizer v1",
+                             max_shard_size=200_000)
+    assert url.startswith(f"{hub.url}/org/tok/commit/") and hub.repos["org/tok"].private
+    repo = hub.repos["org/tok"]
+    assert repo.commits[repo.branches["v1"]]["message"] == "tokenizer v1"
+    files = hub.files("org/tok", "v1")
+    assert "tokenizer.safetensors.index.json" in files and "model.safetensors" not in files
+    pulled = zoo.hub.pull("org/tok", revision="v1", to=tmp_path / "pulled")
+    state, _ = load_weights(pulled, "tokenizer.safetensors")
+    expected = tokenizer.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(reconstruct(zoo.from_pretrained("org/tok", revision="v1"), x), reconstruct(tokenizer, x))
+
+
+# ------------------------------------------------------------------------------------------------ zoo-sample and
+# zoo-reconstruct take Hub repo ids
+
+
+def cli_samples(tmp_path: Path, *argv: str) -> np.ndarray:
+    """``zoo-sample ARGV --num 2 --out …npz`` in-process; the images it wrote."""
+    from zoo.cli.sample import main as sample
+
+    out = Path(tempfile.mkdtemp(prefix="samples-", dir=tmp_path)) / "s.npz"
+    assert sample([*argv, "--num", "2", "--out", str(out), "--device", "cpu"]) == 0
+    with np.load(out) as arrays:
+        return arrays["arr_0"]
+
+
+def test_zoo_sample_takes_a_hub_repo_id_and_revision_and_a_local_path_wins(hub, tmp_path, monkeypatch, capsys):
+    from zoo.cli.sample import main as sample
+
+    first, second = tiny_pipeline(0), tiny_pipeline(1)
+    first.push_to_hub("org/sampled")
+    second.push_to_hub("org/sampled", revision="v2")
+    monkeypatch.chdir(tmp_path)
+    assert sample(["org/sampled", "--num", "2", "--out", "grid.png", "--device", "cpu"]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert "wrote 2 samples to grid.png" in capsys.readouterr().out
+    from_hub = cli_samples(tmp_path, "org/sampled")
+    from_hub_v2 = cli_samples(tmp_path, "org/sampled", "--revision", "v2")
+    assert np.array_equal(from_hub, cli_samples(tmp_path, str(first.save_pretrained(tmp_path / "first"))))
+    assert np.array_equal(from_hub_v2, cli_samples(tmp_path, str(second.save_pretrained(tmp_path / "second"))))
+    assert not np.array_equal(from_hub, from_hub_v2)
+
+    # A directory spelled like the repo id, relative to the working directory, is used instead of the Hub.
+    second.save_pretrained(tmp_path / "org" / "sampled")
+    asked = len(hub.requests)
+    assert np.array_equal(cli_samples(tmp_path, "org/sampled"), from_hub_v2)
+    assert len(hub.requests) == asked
+    assert sample(["org/sampled", "--revision", "v2", "--out", "x.png"]) == 2
+    assert "org/sampled: revision='v2' applies to Hub repos only" in capsys.readouterr().err
+
+    # Neither an existing path nor a repo id, or a repo the Hub does not have: named in one line.
+    for ref in ("no such/run dir", "missing_run", "runs/a/b"):
+        assert sample([ref, "--out", "x.png"]) == 2
+        assert f"zoo-sample: error: {ref}: no such directory, and not a Hub repo id (ORG/NAME)" in \
+            capsys.readouterr().err
+    assert sample(["org/missing", "--out", "x.png"]) == 2
+    assert "org/missing: not a local directory, and the Hub repo could not be fetched" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_zoo_sample_of_a_hub_repo_is_served_from_the_cache_offline(hub, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    from zoo.cli.sample import main as sample
+
+    tiny_pipeline().push_to_hub("org/offline")
+    online = cli_samples(tmp_path, "org/offline")  # fills the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    asked = len(hub.requests)
+    assert sample(["org/offline", "--num", "2", "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    assert np.array_equal(cli_samples(tmp_path, "org/offline"), online)
+    assert len(hub.requests) == asked  # nothing asked of the Hub
+    assert sample(["org/never-pulled", "--out", str(tmp_path / "never.png")]) == 2
+    assert "org/never-pulled: not a local directory, and the Hub repo could not be fetched" in capsys.readouterr().err
+
+
+def test_zoo_reconstruct_and_zoo_sample_take_a_hub_repo_holding_a_tokenizer(hub, tmp_path, capsys):
+    from zoo.cli.reconstruct import main as reconstruct
+    from zoo.cli.sample import main as sample
+
+    tokenizer = tiny_msvq(image_channels=1)
+    run = tmp_path / "tok_run"  # a tokenizer's run: its data section and recipe name the images to reconstruct
+    save_model_dir(run, {"tokenizer": {"name": "msvq", **config_to_dict(tokenizer.config)},
+                         "data": {"name": "digits", "image_size": 8, "channels": 1}}, None,
+                   tokenizer_state=tokenizer.state_dict())
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"tokenizer": {"name": "msvq", **config_to_dict(tokenizer.config)},
+                                                     "data": {"name": "digits", "image_size": 8}}))
+    zoo.hub.push_to_hub(str(run), "org/tok-run")
+    capsys.readouterr()
+    assert reconstruct(["org/tok-run", "--num", "4", "--device", "cpu"]) == 2
+    assert "org/tok-run is a Hub repo; give --out PATH.png" in capsys.readouterr().err
+    assert reconstruct(["org/tok-run", "--num", "4", "--device", "cpu", "--out", str(tmp_path / "hub.png")]) == 0
+    assert reconstruct([str(run), "--num", "4", "--device", "cpu", "--out", str(tmp_path / "local.png")]) == 0
+    assert (tmp_path / "hub.png").is_file()
+    hub_report = json.loads((tmp_path / "hub.json").read_text())
+    assert hub_report == json.loads((tmp_path / "local.json").read_text()) and hub_report["num_images"] == 4
+    assert sample(["org/tok-run", "--num", "3", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["num_images"] == 3

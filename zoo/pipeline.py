@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -63,12 +64,13 @@ class Pipeline:
             raise ValueError(f"{path_or_repo_id}: holds a tokenizer, not a generator; use zoo.from_pretrained")
         return pipe
 
-    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB", **card) -> None:
+    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB", **card) -> Path:
         """Write a model directory (config.json, model.safetensors, tokenizer.safetensors, README.md);
-        ``card`` keywords go to :func:`zoo.hub.card.model_card` (license, tags, metrics, ...)."""
+        ``card`` keywords go to :func:`zoo.hub.card.model_card` (license, tags, metrics, ...).
+        Returns the directory."""
         from zoo.hub.api import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size, **card)
+        return save_pretrained(self, path, max_shard_size=max_shard_size, **card)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None, **card) -> str:

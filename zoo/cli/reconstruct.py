@@ -1,5 +1,5 @@
-"""``zoo-reconstruct MODEL_DIR [--num N] [--images DIR] [--out PATH.png]``: how well a tokenizer
-reconstructs images — originals beside reconstructions, PSNR and codebook usage."""
+"""``zoo-reconstruct MODEL_DIR|ORG/REPO [--revision REV] [--num N] [--images DIR] [--out PATH.png]``: how
+well a tokenizer reconstructs images — originals beside reconstructions, PSNR and codebook usage."""
 
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zoo-reconstruct",
         description="Encode and decode images with the tokenizer of a run or model directory; print PSNR and "
-                    "codebook usage and write originals beside reconstructions.")
-    p.add_argument("model_dir", help="a tokenizer's run directory, or any run/model directory with a tokenizer")
+                    "codebook usage and write originals beside reconstructions. A Hub repo comes through the "
+                    "Hugging Face cache (HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME apply).")
+    p.add_argument("model_dir", help="a tokenizer's run directory, any run/model directory with a tokenizer, or a "
+                                     "Hub repo ORG/NAME holding one (an existing local path wins)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (Hub repos)")
     p.add_argument("--num", type=int, default=50, help="number of images (default 50)")
     p.add_argument("--images", default=None,
                    help="a folder of images (default: the run's dataset, its validation split where it has one)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
-    p.add_argument("--out", default=None, help="PNG to write (default: MODEL_DIR/reconstructions.png); a .json "
-                                               "with the numbers is written beside it")
+    p.add_argument("--out", default=None, help="PNG to write (default: MODEL_DIR/reconstructions.png; required for "
+                                               "a Hub repo); a .json with the numbers is written beside it")
     return p
 
 
@@ -62,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from zoo.eval.reconstruction import reconstruction_report, write_pairs_grid
+        from zoo.hub.api import is_repo_id, resolve_pretrained
         from zoo.hub.model_dir import load_tokenizer_dir, read_model_config
         from zoo.io import atomic_write_json
 
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
-        model_dir = Path(args.model_dir)
+        if args.out is None and is_repo_id(args.model_dir):  # the default beside the model would be in the HF cache
+            raise ValueError(f"{args.model_dir} is a Hub repo; give --out PATH.png for the reconstructions")
+        model_dir = resolve_pretrained(args.model_dir, revision=args.revision)
         config = read_model_config(model_dir)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = load_tokenizer_dir(model_dir, weights=args.weights, device=device)

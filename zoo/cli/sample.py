@@ -1,4 +1,4 @@
-"""``zoo-sample RUN_OR_MODEL_DIR --num N --labels all|0,3,7 --out PATH.png|PATH.npz``."""
+"""``zoo-sample RUN_OR_MODEL_DIR|ORG/REPO [--revision REV] --num N --labels all|0,3,7 --out PATH.png|PATH.npz``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from zoo.cli.common import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoo-sample", description="Sample images from a run or model directory.")
-    p.add_argument("model_dir", help="a run directory written by zoo-train, or a model directory")
+    p = argparse.ArgumentParser(
+        prog="zoo-sample",
+        description="Sample images from a run or model directory, or from a Hub repo (through the Hugging Face "
+                    "cache; honours HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME).")
+    p.add_argument("model_dir", help="a run directory written by zoo-train, a model directory, or a Hub repo ORG/NAME "
+                                     "(an existing local path wins)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (Hub repos)")
     p.add_argument("--num", type=int, default=None, help="number of images (default: the recipe's sample.num)")
     p.add_argument("--labels", default=None, help="'all' (cycle through the classes) or e.g. 0,3,7")
     p.add_argument("--sampler", default=None, help="ddpm | ddim (gaussian objective)")
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from zoo.data.transforms import make_grid_image, to_uint8
+        from zoo.hub.api import resolve_pretrained
         from zoo.hub.model_dir import load_model_dir, read_model_config
         from zoo.io import atomic_write
         from zoo.pipeline import parse_labels
@@ -53,16 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.suffix not in (".png", ".npz"):
             raise ValueError(f"--out {out}: the file must end in .png (grid) or .npz (arrays)")
-        if "generator" not in read_model_config(args.model_dir):  # a tokenizer's run: show reconstructions
+        model_dir = resolve_pretrained(args.model_dir, revision=args.revision)
+        if "generator" not in read_model_config(model_dir):  # a tokenizer's run: show reconstructions
             from zoo.cli.reconstruct import main as reconstruct
 
             if out.suffix != ".png":
                 raise ValueError(f"--out {out}: {args.model_dir} holds a tokenizer; its check writes a .png")
-            return reconstruct([args.model_dir, "--out", str(out), "--weights", args.weights,
+            return reconstruct([str(model_dir), "--out", str(out), "--weights", args.weights,
                                 *(["--num", str(args.num)] if args.num else []),
                                 *(["--device", args.device] if args.device else [])])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_model_dir(args.model_dir, weights=args.weights, device=device)
+        pipe = load_model_dir(model_dir, weights=args.weights, device=device)
         defaults = pipe.sample_config
         num = args.num or defaults.num
         if num < 1:

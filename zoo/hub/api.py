@@ -31,6 +31,7 @@ from zoo.hub.model_dir import (
     load_model_dir,
     load_tokenizer_dir,
     load_weights,
+    looks_like_repo_id,
     parse_size,
     read_model_config,
     resolve_model_dir,
@@ -46,9 +47,24 @@ PUSHED_EXTRAS = (RECIPE_NAME, "reconstructions.json", "eval.json")
 
 
 def is_repo_id(ref: str | os.PathLike) -> bool:
-    text = str(ref)
-    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/")) \
-        and all(part.strip() for part in text.split("/"))
+    """Whether ``ref`` names a Hub repo: spelled ``org/name`` and not an existing local path."""
+    return not Path(ref).exists() and looks_like_repo_id(ref)
+
+
+def resolve_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """The local directory holding the model ``path_or_repo_id``: an existing path as is (it always
+    wins over a Hub repo id spelled the same), else a snapshot of the Hub repo ``org/name`` at
+    ``revision`` in the Hugging Face cache (``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` apply).
+    What ``from_pretrained`` and the ``zoo-*`` commands share, so both find models the same way.
+
+    Raises ValueError for a revision of a local path, FileNotFoundError for a string that is neither
+    an existing path nor a fetchable repo (naming it)."""
+    if Path(path_or_repo_id).exists():
+        if revision is not None:
+            raise ValueError(f"{path_or_repo_id}: revision={revision!r} applies to Hub repos only, this is a local "
+                             f"path")
+        return Path(path_or_repo_id)
+    return resolve_model_dir(path_or_repo_id, revision=revision)
 
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, weights: str = "ema",
@@ -60,9 +76,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, *, revision: str | None 
     Raises FileNotFoundError for an unknown path or repo, ConfigError for a directory that does not
     describe a zoo model or whose weights do not fit its config (naming the first mismatched tensor).
     """
-    if revision is not None and not is_repo_id(path_or_repo_id):
-        raise ValueError(f"{path_or_repo_id}: revision={revision!r} applies to Hub repos only, this is a local path")
-    path = resolve_model_dir(path_or_repo_id, revision=revision)
+    path = resolve_pretrained(path_or_repo_id, revision=revision)
     config = read_model_config(path)
     if "generator" in config:
         return load_model_dir(path, weights=weights, device=device)

@@ -193,6 +193,23 @@ def read_hub_config(repo_id: str, *, where: str = "") -> dict[str, Any]:
     return read_model_config(resolve_model_dir(repo_id, where=where, allow_patterns=[CONFIG_NAME]))
 
 
+def looks_like_repo_id(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` is spelled as a Hub repo id ``org/name`` (one slash; letters, digits, ``-_.``),
+    checked before asking the Hub so that a mistyped path is named as such instead of as a failed
+    download. Whether the repo exists is the Hub's to say."""
+    text = str(ref)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model_dir(ref: str | os.PathLike, *, where: str = "", allow_patterns=None,
                       revision: str | None = None) -> Path:
     """A local directory as is; ``org/name`` as a snapshot of that Hub repo at ``revision`` (branch,
@@ -202,8 +219,9 @@ def resolve_model_dir(ref: str | os.PathLike, *, where: str = "", allow_patterns
     if local.is_dir():
         return local
     text = str(ref)
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise FileNotFoundError(f"{where + ': ' if where else ''}{text}: no such directory")
+    if not looks_like_repo_id(text):
+        raise FileNotFoundError(f"{where + ': ' if where else ''}{text}: no such directory, and not a Hub repo id "
+                                f"(ORG/NAME)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
