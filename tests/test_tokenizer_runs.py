@@ -133,6 +133,18 @@ def test_a_changed_tokenizer_recipe_is_not_silently_reused(tmp_path, var_recipe_
         Trainer(load_recipe(var_recipe_file), run, resume=True, progress=False)
 
 
+def test_a_tokenizer_differing_only_in_sampling_defaults_is_reused(tmp_path, capsys, var_recipe_file,
+                                                                   tokenizer_recipe_file):
+    run = tmp_path / "run"
+    Trainer(load_recipe(var_recipe_file), run, progress=False)
+    changed = copy.deepcopy(TOKENIZER_RECIPE)
+    changed.setdefault("sample", {})["num"] = 3  # sampling defaults do not change the trained weights
+    write(tokenizer_recipe_file, changed)
+    capsys.readouterr()
+    Trainer(load_recipe(var_recipe_file), run, progress=False)
+    assert "reusing" in capsys.readouterr().out
+
+
 def test_generator_recipe_takes_its_tokenizer_from_a_run_directory(tmp_path, tokenizer_recipe_file):
     tok_run = tmp_path / "tok_run"
     Trainer(load_recipe(tokenizer_recipe_file), tok_run, progress=False).fit()

@@ -1,4 +1,4 @@
-"""zoo-upscale: tiling with blended overlaps, any image size, grey/RGBA input, clear errors, --eval."""
+"""zoo-upscale: tiling with blended overlaps, self-ensembling, any image size, grey/RGBA input, clear errors, --eval."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from zoo.cli.upscale import main
 from zoo.data.photos import bicubic_upsample
 from zoo.hub.model_dir import model_config_dict, save_model_dir
 from zoo.recipe import recipe_from_dict
-from zoo.upscale import tile_starts, upscale_tiled
+from zoo.upscale import SRModel, dihedral, tile_starts, upscale_tiled
 
 
 def test_tiles_cover_the_image_and_end_flush_with_its_border():
@@ -39,6 +39,48 @@ def test_overlapping_tiles_blend_into_the_untiled_result_away_from_tile_borders(
     tiled = upscale_tiled(bicubic, lr, scale=2, tile=8, overlap=4, batch_size=4)
     whole = bicubic_upsample(lr[None], (48, 48))[0]
     assert (tiled - whole)[:, 4:-4, 4:-4].abs().max() < 0.05
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_views_are_distinct_and_undone_by_their_inverse(k):
+    image = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    view = dihedral(image, k)
+    assert torch.equal(dihedral(view, k, inverse=True), image)
+    others = [dihedral(image, j) for j in range(8) if j != k]
+    assert not any(o.shape == view.shape and torch.equal(o, view) for o in others)
+
+
+class _Fixed(SRModel):
+    """An SRModel whose tiles go through a given function instead of a pipeline."""
+
+    def __init__(self, fn, defaults=None):
+        super().__init__(pipe=type("P", (), {"sample_config": defaults})(), scale=2, tile=8, channels=1)
+        self.fn = fn
+
+    def upscale_fn(self, **_):
+        return self.fn
+
+
+def test_self_ensemble_averages_the_views_and_keeps_equivariant_models_unchanged():
+    lr = torch.rand(1, 11, 14) * 2 - 1
+
+    def nearest(tiles):  # pixelwise, so tiling and every flip or turn commute with it
+        return tiles.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2).tanh()
+
+    plain = _Fixed(nearest).upscale(lr, overlap=2, ensemble=1)
+    torch.testing.assert_close(_Fixed(nearest).upscale(lr, overlap=2, ensemble=8), plain, atol=1e-6, rtol=0)
+
+    def ramp(tiles):  # adds a left-to-right ramp to every tile: a flipped view cancels it
+        up = nearest(tiles)
+        return up + torch.linspace(-0.5, 0.5, up.shape[-1])
+    one, two = (_Fixed(ramp).upscale(lr, overlap=0, ensemble=n) for n in (1, 2))
+    assert (one - plain).abs().max() > 0.1
+    torch.testing.assert_close(two, plain, atol=1e-5, rtol=0)
+    # The recipe's defaults apply when no argument is given; bad sizes are refused by name.
+    defaults = type("S", (), {"tile_overlap": 0, "self_ensemble": 2})()
+    torch.testing.assert_close(_Fixed(ramp, defaults).upscale(lr), two)
+    with pytest.raises(ValueError, match="ensemble 3"):
+        _Fixed(ramp).upscale(lr, ensemble=3)
 
 
 def make_model_dir(path, refiner=False):

@@ -120,6 +120,26 @@ def test_greedy_cached_sampling_agrees_with_the_teacher_forced_forward():
     assert f_hat.shape == (2, 4, 4, 4)
 
 
+def test_mean_tokens_add_the_expected_code_vector_of_every_scale():
+    model, tok = tiny_model(refiner=False).eval(), tiny_tokenizer()
+    lr = torch.rand(2, 3, 4, 4) * 2 - 1
+    # With top_k=1 the predicted distribution is one-hot: the mean is the greedy token.
+    greedy, greedy_idx = model.sample_tokens(lr, tokenizer=tok, top_k=1)
+    mean_one, mean_idx = model.sample_tokens(lr, tokenizer=tok, top_k=1, mean_tokens=True)
+    torch.testing.assert_close(mean_one, greedy)
+    assert all(torch.equal(a, b) for a, b in zip(mean_idx, greedy_idx))
+    # A head that predicts nothing (uniform over the codebook): every scale adds the codebook's mean.
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    f_hat = model.sample(lr, tokenizer=tok, mean_tokens=True, generator=torch.Generator().manual_seed(0))
+    again = model.sample(lr, tokenizer=tok, mean_tokens=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(f_hat, again)  # no draws: the seed does not matter
+    centre = tok.quantize.embedding.weight.mean(dim=0)
+    ms_h = [centre.view(1, -1, 1, 1).expand(2, -1, pn, pn) for pn in PNS]
+    torch.testing.assert_close(f_hat, tok.quantize.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=True))
+
+
 def test_training_inputs_give_the_residual_the_last_scale_quantises():
     model, tok = tiny_model(), tiny_tokenizer()
     images = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -199,10 +199,10 @@ def measure(args) -> dict:
 def measure_sr(args) -> dict:
     """VAR-SR (``--sr``): ``train`` times one optimizer step from HR images and LR conditions (the
     generator's ``training_inputs`` through the tokenizer, loss with the refiner, backward, AdamW);
-    ``sample`` times ``zoo.upscale.upscale_tiled`` on a random ``--sr-side``-pixel LR image with the
-    recipe's sampling settings and reports seconds per megapixel of output."""
+    ``sample`` times ``zoo.upscale.SRModel.upscale`` (what zoo-upscale runs: tiles, blending and the
+    self-ensemble) on a random ``--sr-side``-pixel LR image with the recipe's sampling settings and
+    reports seconds per megapixel of output."""
     from zoo.train.optim import make_optimizer
-    from zoo.upscale import upscale_tiled
 
     recipe, generator = build(args.recipe, args.overrides)
     device = args.device
@@ -234,21 +234,17 @@ def measure_sr(args) -> dict:
         return {"what": "sr-train", "batch": batch, "s_per_step": per_step, "images_per_s": batch / per_step,
                 "peak_mb": peak_memory_mb(device)}
     generator.eval()
-    sampling = {k: getattr(recipe.sample, k) for k in ("cfg_scale", "top_k", "top_p", "temperature")}
+    from zoo.pipeline import Pipeline
+    from zoo.upscale import SRModel
+
+    pipe = Pipeline(generator, tokenizer, recipe.sample, num_classes=None, image_size=side)
+    model = SRModel(pipe, scale, side // scale, data.channels)
     lr = torch.rand(data.channels, args.sr_side, args.sr_side) * 2 - 1
-    tile = side // scale
-    generate = torch.Generator(device=device)
-
-    def upscale_fn(tiles):
-        with torch.no_grad():
-            cond = tiles.to(device)
-            images = tokenizer.decode(generator.sample(cond, tokenizer=tokenizer, generator=generate, **sampling))
-            return generator.finish_images(images, cond).clamp(-1, 1)
-
+    sampling = {k: getattr(recipe.sample, k) for k in ("cfg_scale", "top_k", "top_p", "temperature", "mean_tokens",
+                                                        "refine", "tile_overlap", "self_ensemble")}
     for i in range(args.warmup + args.steps):
-        generate.manual_seed(0)
         start = time.perf_counter()
-        out = upscale_tiled(upscale_fn, lr, scale, tile, overlap=tile // 4, batch_size=args.sample_batch or 64)
+        out = model.upscale(lr, seed=0, batch_size=args.sample_batch or 64)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= args.warmup:

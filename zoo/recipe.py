@@ -102,6 +102,10 @@ class SampleConfig:
     top_k: int = 0  # VAR: keep the k most likely tokens (0 = all)
     top_p: float = 0.0  # VAR: keep the smallest set of tokens with this much probability (0 = all)
     more_smooth: bool = False  # VAR: Gumbel-softmax blending of embeddings (smoother, less faithful)
+    mean_tokens: bool = False  # VAR-SR: add each scale's expected code vector (posterior mean: best PSNR)
+    refine: bool = True  # VAR-SR: run the diffusion refiner (when the model has one)
+    tile_overlap: int | None = None  # VAR-SR (zoo-upscale): LR tile overlap in pixels; None: a quarter tile
+    self_ensemble: int = 1  # VAR-SR (zoo-upscale): average over 1, 2, 4 or 8 flipped/rotated copies
     num_iter: int = 64  # MAR: unmasking iterations
     cfg_schedule: str = "linear"  # MAR: guidance rising with the unmasked fraction, or constant
     temperature: float = 1.0  # MAR: temperature of the per-token diffusion sampler
@@ -115,6 +119,10 @@ class SampleConfig:
             raise ConfigError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.self_ensemble not in (1, 2, 4, 8):
+            raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8 (flips, then rotations), got {self.self_ensemble}")
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise ConfigError(f"tile_overlap must be >= 0 (or null for half a tile), got {self.tile_overlap}")
         for name in ("steps", "num", "batch_size", "num_iter"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -22,8 +22,8 @@ from PIL import Image
 from zoo.data.photos import bicubic_upsample, degrade
 from zoo.data.transforms import to_tensor_pm1, to_uint8
 
-__all__ = ["upscale_tiled", "tile_starts", "blend_window", "SRModel", "read_image", "upscale_file", "psnr_ssim",
-           "evaluate_folder"]
+__all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "SRModel", "read_image", "upscale_file",
+           "psnr_ssim", "evaluate_folder"]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -106,12 +106,42 @@ class SRModel:
             return self.pipe.generate({"lr": tiles}, seed=seed, batch_size=batch_size, **sampling)
         return run
 
-    def upscale(self, lr_CHW: torch.Tensor, *, overlap: int | None = None, seed: int = 0, batch_size: int = 16,
-                **sampling) -> torch.Tensor:
-        """(C, h, w) in [-1, 1] -> (C, h·scale, w·scale), tiled with ``overlap`` LR pixels (default tile/4)."""
-        overlap = self.tile // 4 if overlap is None else overlap
-        return upscale_tiled(self.upscale_fn(seed=seed, batch_size=batch_size, **sampling), lr_CHW, self.scale,
-                             self.tile, overlap, batch_size)
+    def upscale(self, lr_CHW: torch.Tensor, *, overlap: int | None = None, ensemble: int | None = None, seed: int = 0,
+                batch_size: int = 16, **sampling) -> torch.Tensor:
+        """(C, h, w) in [-1, 1] -> (C, h·scale, w·scale), tiled with ``overlap`` LR pixels and averaged
+        over ``ensemble`` flipped/rotated copies of the image (:func:`dihedral`); both default to the
+        recipe's ``sample.tile_overlap`` (None: a quarter tile) and ``sample.self_ensemble``."""
+        defaults = self.pipe.sample_config
+        if overlap is None:
+            overlap = getattr(defaults, "tile_overlap", None)
+            overlap = self.tile // 4 if overlap is None else overlap
+        ensemble = ensemble if ensemble is not None else getattr(defaults, "self_ensemble", 1)
+        if ensemble not in ENSEMBLE_SIZES:
+            raise ValueError(f"ensemble {ensemble}: choose one of {list(ENSEMBLE_SIZES)} (flips, then rotations)")
+        upscale_fn = self.upscale_fn(seed=seed, batch_size=batch_size, **sampling)
+        total = None
+        for k in DIHEDRAL_ORDER[:ensemble]:
+            sr = upscale_tiled(upscale_fn, dihedral(lr_CHW, k), self.scale, self.tile, overlap, batch_size)
+            sr = dihedral(sr, k, inverse=True)
+            total = sr if total is None else total + sr
+        return total / ensemble
+
+
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+DIHEDRAL_ORDER = (0, 4, 2, 6, 1, 5, 3, 7)  # identity, h-flip, 180°, v-flip, then the four transposing ones
+
+
+def dihedral(image: torch.Tensor, k: int, *, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 symmetries of the square on the last two dims: a horizontal flip if k >= 4,
+    then k mod 4 quarter turns; ``inverse=True`` undoes it. Self-ensembling averages a model's results
+    over these (the test-time augmentation of EDSR's "+" models): the models train on flipped
+    patches, and a mean over views is closer to the posterior mean that PSNR rewards."""
+    turns = k % 4
+    if not inverse:
+        image = image.flip(-1) if k >= 4 else image
+        return torch.rot90(image, turns, dims=(-2, -1))
+    image = torch.rot90(image, -turns, dims=(-2, -1))
+    return image.flip(-1) if k >= 4 else image
 
 
 def _builder(config: dict):
@@ -137,8 +167,8 @@ def read_image(path: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
     return rgb, alpha, grey
 
 
-def upscale_file(model: SRModel, path: str, out: str, *, overlap: int | None = None, seed: int = 0,
-                 batch_size: int = 16, **sampling) -> tuple[int, int]:
+def upscale_file(model: SRModel, path: str, out: str, *, overlap: int | None = None, ensemble: int | None = None,
+                 seed: int = 0, batch_size: int = 16, **sampling) -> tuple[int, int]:
     """Upscale the image at ``path`` into ``out`` (PNG; grey stays grey, alpha is kept); returns (width, height)."""
     from zoo.io import atomic_write
 
@@ -146,7 +176,7 @@ def upscale_file(model: SRModel, path: str, out: str, *, overlap: int | None = N
     lr = to_tensor_pm1(rgb)
     if model.channels == 1:
         lr = lr.mean(dim=0, keepdim=True)
-    sr = model.upscale(lr, overlap=overlap, seed=seed, batch_size=batch_size, **sampling)
+    sr = model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size, **sampling)
     result = Image.fromarray(to_uint8(sr[None])[0].squeeze(-1) if model.channels == 1 else to_uint8(sr[None])[0])
     if grey and model.channels == 3:
         result = result.convert("L")
@@ -170,8 +200,8 @@ def psnr_ssim(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(psnr(a, b)), float(ssim(a, b))
 
 
-def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int | None = None, seed: int = 0,
-                    batch_size: int = 16, **sampling) -> list[dict]:
+def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int | None = None,
+                    ensemble: int | None = None, seed: int = 0, batch_size: int = 16, **sampling) -> list[dict]:
     """For each image of ``hr_dir``: LR by bicubic downscaling (as the ``photos`` data), then PSNR/SSIM
     of the model's and of bicubic upsampling's results against the HR image. ``crop`` > 0 first
     centre-crops each HR image to at most crop x crop pixels (a faster check on a CPU)."""
@@ -187,7 +217,8 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
         h, w = rgb.shape[0] // model.scale * model.scale, rgb.shape[1] // model.scale * model.scale
         hr = np.ascontiguousarray(rgb[:h, :w])
         lr = to_tensor_pm1(np.asarray(degrade(Image.fromarray(hr), model.scale, "bicubic")))
-        sr = to_uint8(model.upscale(lr, overlap=overlap, seed=seed, batch_size=batch_size, **sampling)[None])[0]
+        sr = to_uint8(model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size,
+                                     **sampling)[None])[0]
         bicubic = to_uint8(bicubic_upsample(lr[None], (h, w)))[0]
         model_psnr, model_ssim = psnr_ssim(sr, hr)
         base_psnr, base_ssim = psnr_ssim(bicubic, hr)

@@ -22,13 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=None, help="image-based CFG strength (0 = off; default: recipe)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (1 = greedy)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0 = off)")
+    p.add_argument("--mean-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="add each scale's expected code vector instead of a drawn token (posterior mean: the best "
+                        "PSNR; default: recipe)")
     p.add_argument("--temperature", type=float, default=None, help="noise scale of the diffusion refiner")
-    p.add_argument("--no-refiner", action="store_true", help="skip the diffusion refiner (tokens only)")
+    p.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the diffusion refiner on the last scale (sharper, lower PSNR; default: the recipe's "
+                        "sample.refine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=None,
                    help="LR tile side; must be the model's patch (data.image_size / scale), the default")
     p.add_argument("--overlap", type=int, default=None,
-                   help="overlap of neighbouring LR tiles in pixels (default tile/4)")
+                   help="overlap of neighbouring LR tiles in pixels (default: the recipe's sample.tile_overlap, "
+                        "else a quarter tile)")
+    p.add_argument("--ensemble", type=int, default=None, choices=(1, 2, 4, 8),
+                   help="average over this many flipped/rotated copies (default: the recipe's sample.self_ensemble)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per model call (bounds memory)")
     p.add_argument("--eval", dest="eval_dir", default=None, metavar="HR_DIR",
                    help="print PSNR and SSIM of the model and of bicubic upsampling against these HR images")
@@ -60,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--tile {args.tile}: the model works on {model.tile}-pixel LR patches "
                              f"(data.image_size / scale); leave --tile out or pass {model.tile}")
         sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p,
-                                          temperature=args.temperature,
-                                          refine=False if args.no_refiner else None).items() if v is not None}
-        common = dict(overlap=args.overlap, seed=args.seed, batch_size=args.batch_size, **sampling)
+                                          mean_tokens=args.mean_tokens, temperature=args.temperature,
+                                          refine=args.refiner).items() if v is not None}
+        common = dict(overlap=args.overlap, ensemble=args.ensemble, seed=args.seed, batch_size=args.batch_size,
+                      **sampling)
         if args.input is not None:
             width, height = upscale_file(model, args.input, args.out, **common)
             print(f"wrote {args.out} ({width}x{height}, x{model.scale})")

@@ -138,15 +138,11 @@ def _on_generator_device(t: torch.Tensor, generator: torch.Generator | None) -> 
     return t if generator is None or generator.device == t.device else t.to(generator.device)
 
 
-def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                             generator: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
-    """Token indices (B, l, num_samples) drawn from softmax(logits) after top-k and nucleus filtering.
-
-    Filters ``logits_BlV`` in place (as the official helper): top-k keeps values >= the k-th
-    largest; top-p drops the least likely tokens whose cumulative probability stays <= 1 - top_p
-    (the most likely token always survives). ``num_samples < 0`` draws without replacement.
-    """
-    B, l, V = logits_BlV.shape
+def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """``logits_BlV`` with the tokens outside the top-k and the nucleus set to -inf, in place (as the
+    official helper): top-k keeps values >= the k-th largest; top-p drops the least likely tokens
+    whose cumulative probability stays <= 1 - top_p (the most likely token always survives)."""
+    V = logits_BlV.shape[-1]
     if top_k > 0:
         kth_Bl1 = logits_BlV.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth_Bl1, -torch.inf)
@@ -155,6 +151,15 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         drop_sorted[..., -1:] = False
         logits_BlV.masked_fill_(drop_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, drop_sorted), -torch.inf)
+    return logits_BlV
+
+
+def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                             generator: torch.Generator | None = None, num_samples: int = 1) -> torch.Tensor:
+    """Token indices (B, l, num_samples) drawn from softmax(logits) after :func:`filter_top_k_top_p`
+    (in place, as the official helper). ``num_samples < 0`` draws without replacement."""
+    B, l, V = logits_BlV.shape
+    filter_top_k_top_p(logits_BlV, top_k, top_p)
     probs_NV = _on_generator_device(logits_BlV.softmax(dim=-1).view(-1, V), generator)
     idx = torch.multinomial(probs_NV, num_samples=abs(num_samples), replacement=num_samples >= 0, generator=generator)
     return idx.to(logits_BlV.device).view(B, l, abs(num_samples))

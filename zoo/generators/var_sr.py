@@ -49,6 +49,7 @@ from zoo.generators.var import (
     VARSizes,
     _Unowned,
     apply_rope,
+    filter_top_k_top_p,
     gumbel_softmax_with_rng,
     init_attention_scale,
     sample_with_top_k_top_p_,
@@ -508,23 +509,31 @@ class VARSR(nn.Module):
     @torch.no_grad()
     def sample(self, cond, *, tokenizer: nn.Module | None = None, generator: torch.Generator | None = None,
                cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-               temperature: float = 1.0, refine: bool = True) -> torch.Tensor:
+               temperature: float = 1.0, refine: bool = True, mean_tokens: bool = False) -> torch.Tensor:
         """f_hat (B, Cvae, pn_last, pn_last) of HR pyramids drawn for LR images ``cond``, scale by
         scale with a KV cache; ``tokenizer.decode`` then :meth:`finish_images` give the images.
 
         Image-based CFG: with ``cfg_scale != 0`` every row runs twice, with its label and with the
         low-quality class; logits = (1 + t)·positive − t·negative, t = cfg_scale·si/(SN − 1); the
-        refiner is guided by t at the last scale. ``top_k=1`` is greedy decoding (the best PSNR).
+        refiner mixes negative + t·(positive − negative) at the last scale (the release's call).
+        ``top_k=1`` is greedy decoding.
+        ``mean_tokens=True`` adds, at every scale, the expected code vector under the predicted
+        distribution (after top-k/top-p filtering) instead of a drawn token's: the posterior mean of
+        what the scale adds, which is what PSNR rewards (a drawn or greedy token is one guess; where
+        the model is unsure the mean hedges between its guesses). The next scale is predicted from
+        that mean, and the returned pyramid holds the argmax tokens.
         ``temperature`` scales the refiner's per-step noise; ``refine=False`` skips the refiner. All
         randomness comes from ``generator``.
         """
         return self.sample_tokens(cond, tokenizer=tokenizer, generator=generator, cfg_scale=cfg_scale, top_k=top_k,
-                                  top_p=top_p, more_smooth=more_smooth, temperature=temperature, refine=refine)[0]
+                                  top_p=top_p, more_smooth=more_smooth, temperature=temperature, refine=refine,
+                                  mean_tokens=mean_tokens)[0]
 
     @torch.no_grad()
     def sample_tokens(self, cond, *, tokenizer: nn.Module | None = None, generator: torch.Generator | None = None,
                       cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                      temperature: float = 1.0, refine: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      temperature: float = 1.0, refine: bool = True,
+                      mean_tokens: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`sample` that also returns the sampled index pyramid: one (B, pn²) LongTensor per scale."""
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
@@ -564,9 +573,15 @@ class VARSR(nn.Module):
             if guided:
                 t = cfg_scale * ratio
                 logits_BlV = mix_guidance(logits_BlV, t)
-            idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)[:, :, 0]
+            if mean_tokens:
+                probs_BlV = filter_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p).softmax(dim=-1)
+                idx_Bl = probs_BlV.argmax(dim=-1)
+            else:
+                idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)[:, :, 0]
             idx_pyramid.append(idx_Bl)
-            if not more_smooth:
+            if mean_tokens:
+                h_BlCv = probs_BlV @ embedding_VC.float()
+            elif not more_smooth:
                 h_BlCv = F.embedding(idx_Bl, embedding_VC)
             else:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
@@ -594,8 +609,9 @@ class VARSR(nn.Module):
         if guided:
             idx_Bl = idx_Bl.repeat(2, 1)
         z_NC = self.refiner_condition(x_BlC, idx_Bl).reshape(-1, self.C)
-        # The release guides the head by (1 + t)·cond − t·uncond; MAR's head mixes uncond + s·(cond − uncond).
-        resid_NCv = self.diffloss.sample(z_NC, temperature=temperature, cfg=(1 + t) if guided else 1.0,
+        # As the release: MAR's head mixes uncond + t·(cond − uncond) with t = cfg_scale at the last scale
+        # (so cfg_scale 1 leaves the refiner unguided), while the tokens take (1 + t)·cond − t·uncond.
+        resid_NCv = self.diffloss.sample(z_NC, temperature=temperature, cfg=t if guided else 1.0,
                                          generator=generator, clip_denoised=True) * self.config.refiner_scale
         resid_BlCv = resid_NCv.reshape(-1, pn * pn, self.Cvae)[:B]
         return resid_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)

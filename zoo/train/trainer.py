@@ -206,7 +206,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(sub_dir) if ckpt.checkpoint_root(sub_dir).exists() else None
         if latest is not None:
             saved = sub_dir / "recipe.yaml"
-            if saved.is_file() and yaml.safe_load(saved.read_text()) != _comparable(sub):
+            if saved.is_file() and _what_trains(yaml.safe_load(saved.read_text())) != _what_trains(_comparable(sub)):
                 raise ConfigError(f"{sub_dir} holds a tokenizer trained from a different recipe than "
                                   f"{source.path}; delete that folder to retrain it, or choose another --run-dir")
             if ckpt.read_state(latest)["step"] >= sub.train.max_steps:
@@ -545,6 +545,12 @@ def _truncate_log(log_file: Path, step: int) -> None:
 def _comparable(recipe: Recipe) -> dict:
     """The recipe as it reads back from its saved YAML (tuples become lists)."""
     return yaml.safe_load(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _what_trains(recipe_dict: dict) -> dict:
+    """A saved recipe without its ``sample`` section: sampling defaults do not change trained weights,
+    so a finished tokenizer stays reusable when only they differ (or when zoo gains a sampling option)."""
+    return {key: value for key, value in recipe_dict.items() if key != "sample"}
 
 
 def train(recipe: Recipe, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> Path:
