@@ -251,6 +251,16 @@ def test_a_mar_checkpoint_converts_its_ema_weights_with_kl16_style_vae(tmp_path)
     assert torch.equal(pipe.tokenizer.vae.encode(x).mean, kl.vae.encode(x).mean)
 
 
+def test_an_unknown_kl_vae_warns_that_its_latent_scale_is_not_known(tmp_path, capsys):
+    _, kl_state = tiny_kl_state()
+    torch.save({"state_dict": kl_state}, tmp_path / "vae.ckpt")
+    convert(tmp_path / "vae.ckpt", "kl-vae", tmp_path / "a")
+    assert "scale_factor stays at 0.18215" in capsys.readouterr().err
+    out = convert(tmp_path / "vae.ckpt", "kl-vae", tmp_path / "b", overrides=["scale_factor=0.3"])
+    assert "scale_factor" not in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["tokenizer"]["scale_factor"] == 0.3
+
+
 # ------------------------------------------------------------------------------------------------ safety
 
 

@@ -140,3 +140,10 @@ def test_eval_prints_psnr_and_ssim_beside_bicubic(model_dir, tmp_path, capsys):
     assert main([model_dir, "--eval", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "a.png: 20x16" in out and "bicubic PSNR" in out and "mean over 2 images" in out
+
+
+def test_eval_photos_uses_the_validation_photographs(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no folder named "photos" here
+    assert main([model_dir, "--eval", "photos", "--crop", "24", "--ensemble", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "chelsea: 24x24" in out and "clock: 24x24" in out and "mean over 2 images" in out

@@ -200,17 +200,18 @@ def psnr_ssim(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(psnr(a, b)), float(ssim(a, b))
 
 
+VALIDATION_PHOTOS = "photos"  # --eval photos: the ``photos`` dataset's validation photographs
+
+
 def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int | None = None,
                     ensemble: int | None = None, seed: int = 0, batch_size: int = 16, **sampling) -> list[dict]:
     """For each image of ``hr_dir``: LR by bicubic downscaling (as the ``photos`` data), then PSNR/SSIM
-    of the model's and of bicubic upsampling's results against the HR image. ``crop`` > 0 first
-    centre-crops each HR image to at most crop x crop pixels (a faster check on a CPU)."""
-    from zoo.data.imagefolder import find_images
-
-    paths, _, _ = find_images(hr_dir)
+    of the model's and of bicubic upsampling's results against the HR image. ``hr_dir`` ``"photos"``
+    (when no such folder exists) means the ``photos`` dataset's validation photographs (chelsea and
+    clock, from scikit-image). ``crop`` > 0 first centre-crops each HR image to at most crop x crop
+    pixels (a faster check on a CPU)."""
     rows = []
-    for path in paths:
-        rgb, _, _ = read_image(path)
+    for name, rgb in _hr_images(hr_dir):
         if crop:
             top, left = max(0, (rgb.shape[0] - crop) // 2), max(0, (rgb.shape[1] - crop) // 2)
             rgb = rgb[top:top + crop, left:left + crop]
@@ -222,6 +223,21 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
         bicubic = to_uint8(bicubic_upsample(lr[None], (h, w)))[0]
         model_psnr, model_ssim = psnr_ssim(sr, hr)
         base_psnr, base_ssim = psnr_ssim(bicubic, hr)
-        rows.append({"image": os.path.basename(path), "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
+        rows.append({"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
                      "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim})
     return rows
+
+
+def _hr_images(hr_dir: str):
+    """(name, RGB uint8 HWC) of every image in ``hr_dir``, or of the validation photographs."""
+    if hr_dir == VALIDATION_PHOTOS and not os.path.exists(hr_dir):
+        from zoo.data.photos import VAL_IMAGES, photo
+
+        for name in VAL_IMAGES:
+            yield name, photo(name)
+        return
+    from zoo.data.imagefolder import find_images
+
+    paths, _, _ = find_images(hr_dir)
+    for path in paths:
+        yield os.path.basename(path), read_image(path)[0]

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average over this many flipped/rotated copies (default: the recipe's sample.self_ensemble)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per model call (bounds memory)")
     p.add_argument("--eval", dest="eval_dir", default=None, metavar="HR_DIR",
-                   help="print PSNR and SSIM of the model and of bicubic upsampling against these HR images")
+                   help="print PSNR and SSIM of the model and of bicubic upsampling against the HR images of this "
+                        "folder, or of the photos dataset's validation photographs with --eval photos")
     p.add_argument("--crop", type=int, default=0, help="with --eval: centre-crop each HR image to at most N x N")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,6 +412,12 @@ def _infer_kl_vae(state, source, overrides):
     for preset, values in PRESETS.items():  # a released architecture: name it (fixes its latent scale too)
         if all(_plain(values[k]) == _plain(v) for k, v in fields.items() if k in values):
             return "kl-vae", {"preset": preset}
+    if "scale_factor" not in overrides:  # the one field that neither shapes nor presets tell
+        from zoo.tokenizers.kl_vae import KLVAEConfig
+
+        print(f"warning: {source}: not a known release, so its latent scale is unknown; scale_factor stays at "
+              f"{KLVAEConfig.scale_factor} (Stable Diffusion's). Pass --set scale_factor=VALUE (1 / the std of its "
+              f"latents) if the generator was trained with another", file=sys.stderr)
     return "kl-vae", fields
 
 
