@@ -250,29 +250,30 @@ def test_inception_weights_that_are_not_a_plain_state_dict_are_refused(tmp_path)
         inception_features(np.zeros((2, 8, 8, 1), np.uint8), str(bad))
 
 
-def test_zoo_eval_points_image_conditioned_models_to_zoo_upscale(dit_dir, tmp_path, monkeypatch):
-    """A generator whose dataset serves image conditions (super-resolution) is not scored by label."""
-    import dataclasses
-    import shutil
+def test_zoo_eval_scores_super_resolution_models_by_psnr_and_ssim_beside_bicubic(tmp_path, capsys):
+    """A generator whose dataset serves image conditions is scored against HR images, not by label."""
+    from PIL import Image
 
-    from zoo import registry
+    from zoo.cli.eval import main as zoo_eval
     from zoo.eval.evaluate import evaluate_model_dir
 
-    @dataclasses.dataclass
-    class PairsConfig:
-        pass
+    from .test_upscale import make_model_dir
 
-    class Pairs:
-        def sample_conditions(self, num):
-            raise AssertionError("not reached")
+    sr_dir = make_model_dir(tmp_path / "sr")
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(hr / name)
+    report = evaluate_model_dir(sr_dir, ref=str(hr))
+    assert [row["image"] for row in report["images"]] == ["a.png", "b.png"] and report["scale"] == 4
+    assert report["psnr"] == pytest.approx(np.mean([row["psnr"] for row in report["images"]]))
+    assert {"ssim", "bicubic_psnr", "bicubic_ssim"} <= set(report)
+    with pytest.raises(ValueError, match="super-resolution model; it is scored by psnr, ssim"):
+        evaluate_model_dir(sr_dir, metrics="fid", ref=str(hr))
+    assert zoo_eval([str(sr_dir), "--ref", str(tmp_path / "missing")]) == 2
+    assert "a folder of high-resolution images" in capsys.readouterr().err
+    from zoo.eval.compare import compare  # a grid by class label does not apply: zoo-compare points to zoo-eval
 
-    registry.get_entry("dataset", "digits")  # loads the built-in entries first
-    monkeypatch.setitem(registry._REGISTRY["dataset"], "sr-pairs-test",
-                        registry.Entry("dataset", "sr-pairs-test", Pairs, PairsConfig, {}))
-    sr_dir = tmp_path / "sr"
-    shutil.copytree(dit_dir, sr_dir)
-    config = json.loads((sr_dir / "config.json").read_text())
-    config["data"]["name"] = "sr-pairs-test"
-    (sr_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"conditioned on images .*zoo-upscale .* --eval HR_DIR"):
-        evaluate_model_dir(sr_dir, num=4)
+    with pytest.raises(ValueError, match=r"conditioned on images .* zoo-eval "):
+        compare([str(sr_dir)], out=str(tmp_path / "cmp"), num=0)

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zoo-eval",
         description="Sample a run or model directory and score the samples (digits agreement and feature "
                     "Fréchet distance; FID, Inception Score, precision/recall with local Inception weights); "
-                    "for a tokenizer's directory, PSNR/SSIM of its reconstructions.")
+                    "for a tokenizer's directory, PSNR/SSIM of its reconstructions; for a super-resolution model, "
+                    "PSNR/SSIM of its upscaled images beside bicubic.")
     p.add_argument("model_dir", help="a run directory written by zoo-train, or a model directory")
     p.add_argument("--num", type=int, default=500, help="number of samples (default 500)")
     p.add_argument("--metrics", default="auto",
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "metric that applies to the model and the files given)")
     p.add_argument("--ref", default=None,
                    help="reference .npz: ADM statistics (mu, sigma) for fid, and/or images (arr_0, uint8 NHWC) for "
-                        "fid/prc, or originals to reconstruct for psnr/ssim (default for digits: the real digits)")
+                        "fid/prc, or originals to reconstruct for psnr/ssim (default for digits: the real digits); for a "
+                        "super-resolution model, a folder of HR images (default: the photos validation photographs)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, needed by fid, isc and prc "
                         "(never downloaded)")

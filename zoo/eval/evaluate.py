@@ -13,9 +13,10 @@ Metrics (``metrics=None`` picks every one that applies to the model and the file
 | ``psnr``, ``ssim`` | reconstruction quality of paired images | a tokenizer directory |
 
 ``psnr``/``ssim`` score a tokenizer directory's reconstructions of ``ref``'s ``arr_0`` images or of
-the dataset its config names (digits). A generator conditioned on images (super-resolution: its
-dataset has ``sample_conditions``) is refused with a pointer to ``zoo-upscale MODEL --eval HR_DIR``,
-which scores its outputs against high-resolution images.
+the dataset its config names (digits). For a generator conditioned on images (super-resolution: its
+dataset has ``sample_conditions``) they score its upscaled images against high-resolution ones,
+beside bicubic upsampling (:func:`evaluate_sr_dir`, what ``zoo-upscale --eval`` prints): the
+images of the folder ``ref``, or by default the ``photos`` dataset's validation photographs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from zoo.eval import inception
 from zoo.eval.sampling import load_adm_npz, sample_for_eval, save_adm_npz
 
 __all__ = ["json_ready", "sample_identity", "GENERATOR_METRICS", "TOKENIZER_METRICS", "evaluate_model_dir",
-           "evaluate_pipeline", "evaluate_samples", "evaluate_tokenizer_dir", "default_metrics"]
+           "evaluate_pipeline", "evaluate_samples", "evaluate_tokenizer_dir", "evaluate_sr_dir", "default_metrics"]
 
 DIGITS_METRICS = ("agreement", "fd_digits")
 GENERATOR_METRICS = (*DIGITS_METRICS, *inception.INCEPTION_METRICS)
@@ -65,20 +66,27 @@ def parse_metrics(spec: str | list[str] | None) -> list[str] | None:
     return names
 
 
-def refuse_image_conditioned(config: dict, where: str) -> None:
-    """Raise for a generator conditioned on images (its dataset has ``sample_conditions``, as the trainer
-    checks: super-resolution); evaluation by class label does not apply to it."""
+def is_image_conditioned(config: dict) -> bool:
+    """Whether a model directory's generator is conditioned on images: its dataset has
+    ``sample_conditions``, as the trainer checks (super-resolution)."""
     from zoo.config import ConfigError
     from zoo.registry import get_entry
 
     name = config.get("data", {}).get("name")
     try:
-        conditioned = bool(name) and hasattr(get_entry("dataset", name).builder, "sample_conditions")
+        return bool(name) and hasattr(get_entry("dataset", name).builder, "sample_conditions")
     except ConfigError:
-        conditioned = False
-    if conditioned:
-        raise ValueError(f"{where}: a model conditioned on images (dataset {name!r}), not on class labels; score "
-                         f"it by PSNR/SSIM against high-resolution images with zoo-upscale {where} --eval HR_DIR")
+        return False
+
+
+def refuse_image_conditioned(config: dict, where: str) -> None:
+    """Raise for a generator conditioned on images (super-resolution); comparison by class label does
+    not apply to it."""
+    name = config.get("data", {}).get("name")
+    if is_image_conditioned(config):
+        raise ValueError(f"{where}: a model conditioned on images (dataset {name!r}), not on class labels, so it "
+                         f"has no place in a grid by label; score it by PSNR/SSIM beside bicubic with zoo-eval "
+                         f"{where} [--ref HR_DIR]")
 
 
 def _is_digits(config: dict) -> bool:
@@ -208,13 +216,40 @@ def evaluate_model_dir(model_dir: str | os.PathLike, *, weights: str = "ema", de
         return evaluate_tokenizer_dir(model_dir, weights=weights, device=device, metrics=metrics,
                                       num=options.get("num", 500), ref=options.get("ref"),
                                       batch_size=options.get("batch_size"))
-    refuse_image_conditioned(config, str(model_dir))
+    if is_image_conditioned(config):
+        return evaluate_sr_dir(model_dir, weights=weights, device=device, metrics=metrics, ref=options.get("ref"),
+                               seed=options.get("seed", 0), batch_size=options.get("batch_size"))
     pipe = load_model_dir(model_dir, weights=weights, device=device)
     identity = sample_identity(model_dir, weights)
     report = {"model_dir": str(model_dir), "generator": config["generator"].get("name"), "weights": weights}
     report.update(evaluate_pipeline(pipe, config, metrics=metrics, work_dir=work_dir, device=device,
                                     identity=identity, where=str(model_dir), **options))
     return report
+
+
+def evaluate_sr_dir(model_dir: str | os.PathLike, *, weights: str = "ema", device: str = "cpu",
+                    metrics: list[str] | None = None, ref=None, seed: int = 0, batch_size: int | None = None) -> dict:
+    """PSNR/SSIM of a super-resolution model's upscaled images against the HR images of the folder
+    ``ref`` (LR made by bicubic downscaling) or, by default, the ``photos`` validation photographs,
+    beside bicubic upsampling; sampling as the recipe's ``sample`` section says (what ``zoo-upscale
+    --eval`` runs)."""
+    from zoo.upscale import VALIDATION_PHOTOS, SRModel, evaluate_folder
+
+    bad = [m for m in (metrics or []) if m not in TOKENIZER_METRICS]
+    if bad:
+        raise ValueError(f"{bad[0]}: {model_dir} is a super-resolution model; it is scored by "
+                         f"{', '.join(TOKENIZER_METRICS)} against high-resolution images (--ref HR_DIR)")
+    hr = str(ref) if ref is not None else VALIDATION_PHOTOS
+    if ref is not None and not os.path.isdir(hr):
+        raise ValueError(f"--ref {hr}: a super-resolution model is scored against a folder of high-resolution "
+                         f"images; give one (or leave --ref out for the photos dataset's validation photographs)")
+    model = SRModel.load(str(model_dir), weights=weights, device=device)
+    rows = evaluate_folder(model, hr, seed=seed, batch_size=batch_size or 64)
+    keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+    mean = {key: sum(r[key] for r in rows) / len(rows) for key in keys}
+    return {"model_dir": str(model_dir), "weights": weights, "hr_images": hr, "scale": model.scale,
+            **{key: mean[key] for key in keys if key.removeprefix("bicubic_") in (metrics or TOKENIZER_METRICS)},
+            "images": rows}
 
 
 def sample_identity(model_dir: str | os.PathLike, weights: str) -> dict:
