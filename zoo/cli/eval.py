@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "metric that applies to the model and the files given)")
     p.add_argument("--ref", default=None,
                    help="reference .npz: ADM statistics (mu, sigma) for fid, and/or images (arr_0, uint8 NHWC) for "
-                        "fid/prc, or originals to reconstruct for psnr/ssim (default for digits: the real digits); for a "
-                        "super-resolution model, a folder of HR images (default: the photos validation photographs)")
+                        "fid/prc, or originals to reconstruct for psnr/ssim (default for digits: the real digits); "
+                        "for a super-resolution model, a folder of HR images (default: the photos validation "
+                        "photographs)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth, needed by fid, isc and prc "
                         "(never downloaded)")
