@@ -19,7 +19,7 @@ from zoo.config import ConfigError
 from zoo.hub.convert import convert, diffusers_dit_to_official
 from zoo.hub.safe_load import UnsafeCheckpointError, load_checkpoint, safe_relative_path
 from zoo.pipeline import Pipeline
-from zoo.registry import create_model, create_tokenizer, list_models
+from zoo.registry import create_model, create_tokenizer
 
 from .hub_server import HubServer, point_client_at
 
@@ -201,16 +201,6 @@ def test_a_generator_without_its_tokenizer_weights_is_refused(tmp_path):
         convert(tmp_path / "var.pth", "var", tmp_path / "m")
 
 
-@pytest.mark.skipif("var-sr" in list_models(), reason="var-sr is registered (see the conversion test below)")
-def test_var_sr_conversion_says_the_generator_is_not_available(tmp_path):
-    var, vq = tiny_var_pair()
-    torch.save({"trainer": {"var_wo_ddp": var.state_dict()}}, tmp_path / "VARSR.pth")
-    torch.save({"trainer": {"vae_local": vq.state_dict()}}, tmp_path / "VQVAE.pth")
-    with pytest.raises(ConfigError, match="the var-sr generator is not available"):
-        convert(tmp_path / "VARSR.pth", "var-sr", tmp_path / "m", tokenizer=tmp_path / "VQVAE.pth")
-
-
-@pytest.mark.skipif("var-sr" not in list_models(), reason="the var-sr generator is not registered in this build")
 def test_a_varsr_trainer_checkpoint_converts_with_its_architecture_read_from_the_weights(tmp_path):
     _, vq = tiny_var_pair()
     sr = randomized(create_model("var-sr", depth=2, patch_nums=(1, 2, 4), vocab_size=16, Cvae=8, refiner_depth=1,

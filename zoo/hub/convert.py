@@ -325,11 +325,8 @@ def _infer_var(state, source, overrides):
 def _infer_var_sr(state, source, overrides):
     """VARSR's ``VAR_RoPE``: VAR's trunk (no null class row), an LR stem (``con_embedding``) feeding
     pn_last² prefix tokens (level 0 of ``lvl_1L``) or cross-attention, and the diffusion refiner."""
-    from zoo.registry import get_entry, list_entries
+    from zoo.registry import get_entry
 
-    if "var-sr" not in list_entries("generator"):
-        raise ConfigError(f"{source}: the var-sr generator is not available in this zoo build (not registered), so "
-                          f"VARSR checkpoints cannot be converted yet")
     shapes = _Shapes(state, source, "var-sr")
     fields = _var_trunk(shapes, overrides, null_row=False)
     fields["cond_mode"] = "cross" if any(k.startswith("cross_blocks.") for k in state) else "prefix"
