@@ -138,6 +138,15 @@ def _on_generator_device(t: torch.Tensor, generator: torch.Generator | None) -> 
     return t if generator is None or generator.device == t.device else t.to(generator.device)
 
 
+def token_loss_weights(patch_nums, weighting: str) -> torch.Tensor:
+    """(1, L) per-token loss weights: ``uniform`` 1/L each (the release), or ``per_scale`` 1/(scales · pn²)
+    so that every scale weighs the same."""
+    L = sum(pn * pn for pn in patch_nums)
+    if weighting == "uniform":
+        return torch.full((1, L), 1.0 / L)
+    return torch.cat([torch.full((pn * pn,), 1.0 / (len(patch_nums) * pn * pn)) for pn in patch_nums]).view(1, L)
+
+
 def filter_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """``logits_BlV`` with the tokens outside the top-k and the nucleus set to -inf, in place (as the
     official helper): top-k keeps values >= the k-th largest; top-p drops the least likely tokens
@@ -458,12 +467,8 @@ class VAR(nn.Module):
         attn_bias = torch.where(lvl_L.view(-1, 1) >= lvl_L.view(1, -1), 0.0, -torch.inf)
         self.register_buffer("attn_bias_for_masking", attn_bias.view(1, 1, self.L, self.L))
         # Per-token loss weights (not in checkpoints): 1/L each, or 1/(scales · pn²) per scale.
-        if config.loss_weighting == "uniform":
-            weight_L = torch.full((self.L,), 1.0 / self.L)
-        else:
-            weight_L = torch.cat([torch.full((pn * pn,), 1.0 / (len(self.patch_nums) * pn * pn))
-                                  for pn in self.patch_nums])
-        self.register_buffer("loss_weight_1L", weight_L.view(1, self.L), persistent=False)
+        self.register_buffer("loss_weight_1L", token_loss_weights(self.patch_nums, config.loss_weighting),
+                             persistent=False)
 
         self.head_nm = AdaLNBeforeHead(C, self.D, config.norm_eps)
         self.head = nn.Linear(C, self.V)

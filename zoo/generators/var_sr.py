@@ -53,6 +53,7 @@ from zoo.generators.var import (
     gumbel_softmax_with_rng,
     init_attention_scale,
     sample_with_top_k_top_p_,
+    token_loss_weights,
 )
 from zoo.nn.diffloss import DiffLoss
 from zoo.registry import register_generator
@@ -278,12 +279,8 @@ class VARSR(nn.Module):
         if not self.prefix:
             self.register_buffer("rope_mem", scale_aligned_rope(C // self.num_heads, (self.patch_nums[-1],),
                                                                 config.rope_grid, config.rope_theta), persistent=False)
-        if config.loss_weighting == "uniform":
-            weight_L = torch.full((self.L,), 1.0 / self.L)
-        else:
-            weight_L = torch.cat([torch.full((pn * pn,), 1.0 / (len(self.patch_nums) * pn * pn))
-                                  for pn in self.patch_nums])
-        self.register_buffer("loss_weight_1L", weight_L.view(1, self.L), persistent=False)
+        self.register_buffer("loss_weight_1L", token_loss_weights(self.patch_nums, config.loss_weighting),
+                             persistent=False)
 
         self.head_nm = AdaLNBeforeHead(C, self.D, config.norm_eps)
         self.head = nn.Linear(C, self.V)
