@@ -122,7 +122,7 @@ class SampleConfig:
         if self.self_ensemble not in (1, 2, 4, 8):
             raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8 (flips, then rotations), got {self.self_ensemble}")
         if self.tile_overlap is not None and self.tile_overlap < 0:
-            raise ConfigError(f"tile_overlap must be >= 0 (or null for half a tile), got {self.tile_overlap}")
+            raise ConfigError(f"tile_overlap must be >= 0 (or null for a quarter tile), got {self.tile_overlap}")
         for name in ("steps", "num", "batch_size", "num_iter"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from zoo.data.photos import bicubic_upsample, degrade
 from zoo.data.transforms import to_tensor_pm1, to_uint8
 
 __all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "SRModel", "read_image", "upscale_file",
-           "psnr_ssim", "evaluate_folder"]
+           "psnr_ssim", "evaluate_folder", "mean_scores"]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -226,6 +226,14 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
         rows.append({"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
                      "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim})
     return rows
+
+
+SCORE_KEYS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+
+
+def mean_scores(rows: list[dict]) -> dict:
+    """The mean of each of :data:`SCORE_KEYS` over :func:`evaluate_folder`'s rows."""
+    return {key: sum(row[key] for row in rows) / len(rows) for key in SCORE_KEYS}
 
 
 def _hr_images(hr_dir: str):

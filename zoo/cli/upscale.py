@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         import torch
 
-        from zoo.upscale import SRModel, evaluate_folder, upscale_file
+        from zoo.upscale import SRModel, evaluate_folder, mean_scores, upscale_file
 
         if args.input is None and args.eval_dir is None:
             raise ValueError("give an INPUT image (with --out) or --eval HR_DIR")
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['image']}: {row['size'][0]}x{row['size'][1]}  model PSNR {row['psnr']:.2f} dB  "
                       f"SSIM {row['ssim']:.4f}  |  bicubic PSNR {row['bicubic_psnr']:.2f} dB  "
                       f"SSIM {row['bicubic_ssim']:.4f}")
-            keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
-            mean = {key: sum(r[key] for r in rows) / len(rows) for key in keys}
+            mean = mean_scores(rows)
             print(f"mean over {len(rows)} images: model PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  |  "
                   f"bicubic PSNR {mean['bicubic_psnr']:.2f} dB  SSIM {mean['bicubic_ssim']:.4f}")
             print(json.dumps({"images": rows, "mean": mean}))

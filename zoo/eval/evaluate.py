@@ -233,7 +233,7 @@ def evaluate_sr_dir(model_dir: str | os.PathLike, *, weights: str = "ema", devic
     ``ref`` (LR made by bicubic downscaling) or, by default, the ``photos`` validation photographs,
     beside bicubic upsampling; sampling as the recipe's ``sample`` section says (what ``zoo-upscale
     --eval`` runs)."""
-    from zoo.upscale import VALIDATION_PHOTOS, SRModel, evaluate_folder
+    from zoo.upscale import VALIDATION_PHOTOS, SRModel, evaluate_folder, mean_scores
 
     bad = [m for m in (metrics or []) if m not in TOKENIZER_METRICS]
     if bad:
@@ -245,10 +245,10 @@ def evaluate_sr_dir(model_dir: str | os.PathLike, *, weights: str = "ema", devic
                          f"images; give one (or leave --ref out for the photos dataset's validation photographs)")
     model = SRModel.load(str(model_dir), weights=weights, device=device)
     rows = evaluate_folder(model, hr, seed=seed, batch_size=batch_size or 64)
-    keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
-    mean = {key: sum(r[key] for r in rows) / len(rows) for key in keys}
+    mean = mean_scores(rows)
     return {"model_dir": str(model_dir), "weights": weights, "hr_images": hr, "scale": model.scale,
-            **{key: mean[key] for key in keys if key.removeprefix("bicubic_") in (metrics or TOKENIZER_METRICS)},
+            **{key: value for key, value in mean.items()
+               if key.removeprefix("bicubic_") in (metrics or TOKENIZER_METRICS)},
             "images": rows}
 
 
