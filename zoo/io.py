@@ -9,22 +9,73 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from zoo.errors import WriteError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's 0600 would hide runs from others)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in directory ``path`` durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is then as durable as they allow
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it over ``path``
+    and fsync the directory: after a crash at any instant ``path`` is the old file or the whole new one.
+
+    An ``OSError`` (disk full, no permission) removes the temporary file and is raised as
+    :class:`~zoo.errors.WriteError` naming ``path``; the old file is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise write_error(path, err) from None
         raise
+
+
+def write_error(path: str | os.PathLike, err: OSError) -> WriteError:
+    """A :class:`WriteError` for ``path`` that keeps ``err``'s errno and says what it means."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    hint = {28: "free some space or point --run-dir elsewhere", 13: "check the folder's permissions",
+            30: "the file system is read-only"}.get(err.errno or 0, "")
+    out = WriteError(err.errno, f"could not write {path}: {reason}{'; ' + hint if hint else ''}")
+    out.filename = str(path)
+    return out
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -43,7 +94,8 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
     """Write a state dict as safetensors atomically (contiguous, shared storage broken)."""
     from safetensors.torch import save_file
 
-    plain = {k: v.detach().contiguous().clone() if v.data_ptr() in _shared(tensors) else v.detach().contiguous()
+    shared = _shared(tensors)
+    plain = {k: v.detach().contiguous().clone() if v.data_ptr() in shared else v.detach().contiguous()
              for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
 

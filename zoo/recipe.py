@@ -49,6 +49,10 @@ class TrainConfig:
     # Learning-rate multipliers by parameter-name pattern, first match wins, e.g. {"y_embedder.*": 0.1}.
     lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    # A NaN/inf loss term or gradient: "stop" the run (the last checkpoint stays the latest), or "skip"
+    # the step (nothing applied, counted in metrics.jsonl and the checkpoint) until this many in a row.
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10
     ema_decay: float = 0.9999
     mixed_precision: str = "no"
     compile: str = "none"  # torch.compile mode of the generator
@@ -67,6 +71,7 @@ class TrainConfig:
         "lr_schedule": ("constant", "cosine"),
         "mixed_precision": ("no", "fp16", "bf16"),
         "compile": ("none", "default", "reduce-overhead", "max-autotune"),
+        "nonfinite": ("stop", "skip"),
     }
 
     def __post_init__(self):
@@ -74,7 +79,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "ckpt_every", "num_workers"):
+        for name in ("warmup_steps", "sample_every", "ckpt_every", "num_workers", "nonfinite_max_skips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

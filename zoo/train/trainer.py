@@ -2,8 +2,14 @@
 ``tokenizer.training_inputs`` — or, for a tokenizer recipe, ``tokenizer.loss``.
 
 Exactness of resume: the batch order is a function of (seed, step) (:class:`StepBatchSampler`) and
-every step reseeds the global RNG from (seed, step, micro-batch, process), so weights, EMA,
-optimizer state and the step counter are all a run needs to continue as if never stopped.
+every step reseeds the global RNG from (seed, step, piece), so weights, EMA, optimizer state and the
+step counter are all a run needs to continue as if never stopped (checkpoints also keep every
+process's RNG states, for anything that draws from numpy or Python's ``random``).
+
+Processes: a global batch is cut into ``grad_accum_steps × processes`` equal pieces in order; piece
+``k = micro_batch · processes + rank`` is seeded by ``k``. One process with ``grad_accum_steps = N``
+therefore draws exactly what ``N`` processes with one micro-batch each draw, and gives the same
+weights up to the order of the gradient sums.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 
 from zoo.config import ConfigError
 from zoo.data.transforms import make_grid_image
+from zoo.errors import NonFiniteError, WriteError
 from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_dir
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text, save_safetensors
 from zoo.pipeline import Pipeline, parse_labels
@@ -97,8 +105,9 @@ def to_device(cond, device):
     return cond.to(device)
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1)
+def step_seed(seed: int, step: int, piece: int) -> int:
+    """The seed of piece ``piece`` (``micro_batch · processes + rank``) of optimizer step ``step``."""
+    return (seed * 1_000_003 + step * 1_009 + piece * 101) % (2**63 - 1)
 
 
 def default_run_dir(recipe_path: str) -> Path:
@@ -148,7 +157,9 @@ class Trainer:
         acc = self.accelerator
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
-        torch.manual_seed(self.cfg.seed)
+        # torch, numpy and Python's random from the seed, so that a run's RNG states are reproducible
+        # (a fresh process seeds numpy from the OS); the torch state is what it always was.
+        set_seed(self.cfg.seed)
 
         # Data first: a missing folder or a class-count mismatch fails before models are built.
         self.dataset = recipe.data.build()
@@ -178,6 +189,9 @@ class Trainer:
         self.loss_module, self.optimizer = acc.prepare(LossModule(self.model), self.optimizer)
         self.ema.to(acc.device)
         self.step = 0
+        self.skipped_steps = 0  # non-finite steps skipped (train.nonfinite: skip), over the whole run
+        self.skips_in_a_row = 0
+        self._log_failed = False
         if resume:
             self._resume()
 
@@ -306,41 +320,99 @@ class Trainer:
     # ------------------------------------------------------------------------------ checkpoints
 
     def _resume(self) -> None:
-        ckpt.clean_partial(self.run_dir)
+        acc = self.accelerator
+        if acc.is_main_process:
+            ckpt.clean_partial(self.run_dir)
+        acc.wait_for_everyone()
         latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is None:
-            raise ConfigError(f"{self.run_dir}: --resume, but the run has no checkpoint yet")
+        if latest is None:  # killed before its first checkpoint: there is nothing to lose, start over
+            acc.print(f"note: {self.run_dir} has no checkpoint yet; starting from step 0")
+            return
         saved_file = self.run_dir / "recipe.yaml"
         if saved_file.is_file():
             saved, current = yaml.safe_load(saved_file.read_text()), _comparable(self.recipe)
             changed = sorted(k for k in current if saved.get(k) != current[k])
             if changed:
-                self.accelerator.print(f"note: resuming with a recipe that differs in section(s) {', '.join(changed)}")
-        self.accelerator.load_state(str(latest))
+                acc.print(f"note: resuming with a recipe that differs in section(s) {', '.join(changed)}")
+        model = acc.unwrap_model(self.loss_module).model
+        state = ckpt.read_state(latest)
+        if (latest / ckpt.OPTIMIZER_NAME).is_file():
+            load_state_strict(model, load_file(str(latest / ckpt.MODEL_NAME)), str(latest / ckpt.MODEL_NAME))
+            self.optimizer.load_state_dict(ckpt.load_optimizer(latest / ckpt.OPTIMIZER_NAME))
+            states = ckpt.load_rng_states(latest / ckpt.RNG_NAME)
+            if len(states) == acc.num_processes:
+                ckpt.set_rng_state(states[acc.process_index])
+            else:
+                acc.print(f"note: {latest.name} was written by {len(states)} process(es), this run has "
+                          f"{acc.num_processes}: numpy/Python RNG streams start fresh (torch's is reseeded "
+                          f"every step anyway)")
+        else:  # a checkpoint written by zoo before 0.2 (Accelerate's save_state layout)
+            acc.load_state(str(latest))
         load_state_strict(self.ema, load_file(str(latest / ckpt.EMA_NAME)), str(latest / ckpt.EMA_NAME))
-        self.step = ckpt.read_state(latest)["step"]
-        self.accelerator.print(f"resumed {self.run_dir} from {latest.name} (step {self.step})")
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skips_in_a_row = state.get("skips_in_a_row", 0)
+        pieces = state.get("pieces")
+        if pieces is not None and pieces != self.cfg.grad_accum_steps * acc.num_processes:
+            acc.print(f"note: {latest.name} was trained with {pieces} pieces per step (grad_accum_steps × "
+                      f"processes), this run uses {self.cfg.grad_accum_steps * acc.num_processes}: same batches, "
+                      f"but not the same random draws as an uninterrupted run")
+        acc.print(f"resumed {self.run_dir} from {latest.name} (step {self.step})")
+
+    def data_position(self, step: int | None = None) -> dict[str, int]:
+        """Where the batch stream stands before ``step``: the epoch and the batch within it."""
+        step = self.step if step is None else step
+        per_epoch = len(self.dataset) // self.cfg.batch_size
+        return {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}
 
     def save_checkpoint(self) -> Path:
+        """Write checkpoint ``self.step`` (main process only; every process takes part in gathering
+        the RNG states), then refresh the run directory's model files. A step already saved is not
+        written again (a resumed run that was at its end), but the model files are refreshed."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         root = ckpt.checkpoint_root(self.run_dir)
         final = root / ckpt.checkpoint_name(self.step)
-        tmp = root / (final.name + ".tmp")
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        rng_states = gather_object([ckpt.rng_state()])
+        model = acc.unwrap_model(self.loss_module).model
+        failure = None
         if acc.is_main_process:
-            save_safetensors(tmp / ckpt.EMA_NAME, self.ema.state_dict())
-            atomic_write_json(tmp / ckpt.STATE_NAME, {"step": self.step, "time": time.time()})
-            ckpt.finalize(tmp, final, keep=self.cfg.keep_checkpoints)
-            raw = acc.unwrap_model(self.loss_module).model
-            if self.recipe.trains_tokenizer:
-                save_model_dir(self.run_dir, model_config_dict(self.recipe), None,
-                               tokenizer_state=self.ema.state_dict(), tokenizer_raw_state=raw.state_dict())
-            else:
-                save_model_dir(self.run_dir, model_config_dict(self.recipe), self.ema.state_dict(),
-                               raw_state=raw.state_dict(), tokenizer_state=self.tokenizer.state_dict())
+            try:
+                self._write_checkpoint(final, model, rng_states)
+            except WriteError as err:
+                failure = err
+        if self._agreed(failure is not None):  # every process stops, not only the one that failed
+            raise failure or WriteError(None, f"the main process could not save checkpoint {final.name}")
         acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, final: Path, model: nn.Module, rng_states: list[dict]) -> None:
+        """The main process's part of :meth:`save_checkpoint`."""
+        if ckpt.latest_checkpoint(self.run_dir) != final:
+            raw, optimizer = model.state_dict(), self.optimizer.state_dict()
+            files = {
+                ckpt.MODEL_NAME: lambda path: save_safetensors(path, raw),
+                ckpt.EMA_NAME: lambda path: save_safetensors(path, self.ema.state_dict()),
+                ckpt.OPTIMIZER_NAME: lambda path: ckpt.save_optimizer(path, optimizer),
+                ckpt.RNG_NAME: lambda path: ckpt.save_rng_states(path, rng_states),
+            }
+            pieces = self.cfg.grad_accum_steps * self.accelerator.num_processes
+            state = {"step": self.step, "time": time.time(), **self.data_position(),
+                     "skipped_steps": self.skipped_steps, "skips_in_a_row": self.skips_in_a_row,
+                     "pieces": pieces, "processes": self.accelerator.num_processes}
+            ckpt.write_checkpoint(self.run_dir, self.step, files, state, keep=self.cfg.keep_checkpoints)
+        try:
+            if self.recipe.trains_tokenizer:
+                save_model_dir(self.run_dir, model_config_dict(self.recipe), None,
+                               tokenizer_state=self.ema.state_dict(), tokenizer_raw_state=model.state_dict())
+            else:
+                save_model_dir(self.run_dir, model_config_dict(self.recipe), self.ema.state_dict(),
+                               raw_state=model.state_dict(), tokenizer_state=self.tokenizer.state_dict())
+        except WriteError as err:
+            raise WriteError(err.errno, f"{err.strerror}; checkpoint {final.name} is saved, and each of the run "
+                                        f"directory's model files is its old or its new version") from None
 
     # ------------------------------------------------------------------------------ sampling
 
@@ -400,7 +472,13 @@ class Trainer:
         return lr
 
     def train_step(self, batch_iter) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss terms."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the loss terms averaged
+        over every piece of the global batch (all processes), the gradient norm and the learning rate.
+
+        A NaN or infinite loss term or gradient is not applied: the run stops with
+        :class:`~zoo.errors.NonFiniteError` (``train.nonfinite: stop``), or the step is skipped and
+        counted (``skip``) until ``train.nonfinite_max_skips`` steps in a row have been skipped.
+        """
         acc = self.accelerator
         cfg = self.cfg
         lr = self._set_lr()
@@ -412,7 +490,7 @@ class Trainer:
         for micro in range(cfg.grad_accum_steps):
             images, labels, *rows = next(batch_iter)
             images, labels = images.to(acc.device), to_device(labels, acc.device)
-            torch.manual_seed(step_seed(cfg.seed, self.step, micro, acc.process_index))
+            torch.manual_seed(step_seed(cfg.seed, self.step, micro * acc.num_processes + acc.process_index))
             if rows:  # train.cache_tokens
                 inputs = (self.tokenizer.inputs_from_cache(self.token_cache[rows[0]].to(acc.device)), labels)
             elif self.tokenizer is None:
@@ -431,19 +509,61 @@ class Trainer:
                 acc.backward(terms["loss"] / cfg.grad_accum_steps)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum_steps
-        # One device-to-host copy for all logged terms (a .item() per term would sync a GPU each time).
-        totals = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
-        if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(f"step {self.step}: the loss is {totals['loss']}; lower train.lr or enable "
-                                     f"train.grad_clip")
+        # Averaged over processes (so every process takes the same decision below), then one
+        # device-to-host copy for all terms (a .item() per term would sync a GPU each time).
+        stacked = torch.stack(list(sums.values()))
+        if acc.num_processes > 1:
+            stacked = acc.reduce(stacked, reduction="mean")
+        totals = dict(zip(sums, stacked.tolist()))
+        parameters = [p for p in self.loss_module.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
-            totals["grad_norm"] = float(acc.clip_grad_norm_(self.loss_module.parameters(), cfg.grad_clip))
-        self.optimizer.step()
+            grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        totals["grad_norm"] = float(grad_norm)
+        # Under fp16 the gradient scaler skips overflowing steps itself; only the loss is checked then.
+        check_grads = acc.scaler is None
+        bad_terms = sorted((k for k, v in totals.items() if k != "grad_norm" and not math.isfinite(v)),
+                           key=lambda k: k == "loss")  # the term at fault first, the total after it
+        if bad_terms or (check_grads and not math.isfinite(totals["grad_norm"])):
+            self._nonfinite_step(totals, bad_terms, model)
+            totals["skipped"] = 1.0
+        else:
+            self.optimizer.step()
+            self.skips_in_a_row = 0
+            update_ema(self.ema, model, cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
-        update_ema(self.ema, model, cfg.ema_decay)
         self.step += 1
         totals["lr"] = lr
         return totals
+
+    def _nonfinite_step(self, totals: dict[str, float], bad_terms: list[str], model: nn.Module) -> None:
+        """Stop, or skip and count, a step whose loss or gradient is not finite (nothing is applied)."""
+        cfg = self.cfg
+        if bad_terms:
+            what = "loss term " + ", ".join(f"{k} = {totals[k]}" for k in bad_terms)
+        else:
+            names = [n for n, p in model.named_parameters()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()]
+            what = (f"gradient (norm {totals['grad_norm']}; first non-finite: "
+                    f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''})")
+        number = self.step + 1  # counted as in metrics.jsonl and checkpoint names: steps done after it
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = (f"{latest} (step {ckpt.read_state(latest)['step']}) is still the latest checkpoint" if latest
+                else "No checkpoint had been written yet")
+        if cfg.nonfinite == "skip" and self.skips_in_a_row < cfg.nonfinite_max_skips:
+            self.skipped_steps += 1
+            self.skips_in_a_row += 1
+            self.accelerator.print(f"warning: step {number}: non-finite {what}; step skipped "
+                                   f"({self.skipped_steps} so far, {self.skips_in_a_row} in a row)", file=sys.stderr)
+            return
+        if cfg.nonfinite == "skip":
+            raise NonFiniteError(f"step {number}: non-finite {what}, and {self.skips_in_a_row} steps in a row were "
+                                 f"already skipped (train.nonfinite_max_skips); the run stopped. {kept}. Lower "
+                                 f"train.lr or set train.grad_clip")
+        raise NonFiniteError(f"step {number}: non-finite {what}; the step was not applied and the run stopped. "
+                             f"{kept}. Lower train.lr, set train.grad_clip, or set train.nonfinite=skip to skip "
+                             f"such steps")
 
     def fit(self, stop_at: int | None = None) -> Path | None:
         """Train to ``train.max_steps``, writing logs, grids and checkpoints; returns the final grid's path.
@@ -485,6 +605,23 @@ class Trainer:
         flag = torch.tensor([float(stop)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
+    def _log(self, log_file: Path, terms: dict[str, float]) -> None:
+        """Append to metrics.jsonl (and TensorBoard). A failing log (disk full, a broken tracker) is
+        reported once and training goes on: the checkpoints, not the logs, hold the run."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        try:
+            acc.log({f"train/{k}": v for k, v in terms.items()}, step=self.step)
+            with open(log_file, "a") as handle:
+                handle.write(json.dumps({"step": self.step, **terms}) + "\n")
+        except (OSError, RuntimeError, ValueError) as err:
+            if not self._log_failed:
+                print(f"warning: step {self.step}: could not write the training log ({type(err).__name__}: {err}); "
+                      f"training goes on, checkpoints are unaffected (further log failures are not reported)",
+                      file=sys.stderr)
+            self._log_failed = True
+
     def _loop(self, end: int, batch_iter, bar, log_file: Path, interrupted) -> None:
         acc = self.accelerator
         cfg = self.cfg
@@ -496,10 +633,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 terms["images_per_s"] = window_images / max(elapsed, 1e-9)
                 window_start, window_images = time.perf_counter(), 0
-                acc.log({f"train/{k}": v for k, v in terms.items()}, step=self.step)
-                if acc.is_main_process:
-                    with open(log_file, "a") as handle:
-                        handle.write(json.dumps({"step": self.step, **terms}) + "\n")
+                self._log(log_file, terms)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", lr=f"{terms['lr']:.2e}", refresh=False)
             bar.update(1)
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
@@ -533,11 +667,18 @@ def _stop_on_interrupt():
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop log lines past ``step`` (written after the checkpoint a run resumes from) and any line a
+    kill cut short."""
     if not log_file.is_file():
         return
     lines = log_file.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+            continue
     if len(kept) != len(lines):
         atomic_write_text(log_file, "".join(line + "\n" for line in kept))
 
