@@ -152,9 +152,15 @@ class Trainer:
             mixed_precision=self.cfg.mixed_precision,
             log_with="tensorboard" if self.cfg.tensorboard else None,
             project_dir=str(self.run_dir),
-            cpu=cpu,
+            # Without a GPU, Accelerate joins the processes of a launch only when told it runs on the CPU.
+            cpu=cpu or not torch.cuda.is_available(),
         )
         acc = self.accelerator
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != acc.num_processes:
+            raise ConfigError(f"this process was launched as one of {launched}, but Accelerate runs "
+                              f"{acc.num_processes}; each would train alone into {self.run_dir}. Check the "
+                              f"accelerate launch flags (docs/imagenet.md)")
         torch.backends.cuda.matmul.allow_tf32 = self.cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.cfg.allow_tf32
         # torch, numpy and Python's random from the seed, so that a run's RNG states are reproducible
