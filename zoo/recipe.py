@@ -235,10 +235,20 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections {list(SECTIONS)}")
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: where, what, and what it was parsing."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    during = f" ({context} started at line {context_mark.line + 1})" if context and context_mark else ""
+    return f"{where}{problem}{during}"
 
 
 def _component(kind: str, section: str, values: dict[str, Any], source: str) -> Component:
@@ -340,9 +350,17 @@ def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = ()):
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate the recipe at ``path``; raises :class:`ConfigError`."""
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
-    return recipe_from_dict(raw, source=str(path))
+    """Read, override and validate the recipe at ``path``; raises :class:`ConfigError`. An error in a
+    value set by an override says so (the key is not in the file)."""
+    overrides = list(overrides or [])
+    raw = apply_overrides(read_yaml(path), overrides)
+    try:
+        return recipe_from_dict(raw, source=str(path))
+    except ConfigError as err:
+        culprit = next((o for o in overrides if f": {o.split('=', 1)[0].strip()}" in str(err)), None)
+        if culprit is None:
+            raise
+        raise ConfigError(f"{err} (set on the command line by {culprit!r})") from None
 
 
 def validate_combination(recipe: Recipe) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from zoo import __version__
 from zoo.config import ConfigError
@@ -107,7 +106,7 @@ def load_weights(path: str | os.PathLike, file_name: str) -> tuple[dict[str, tor
     """The state dict saved as ``path/file_name`` (single file or shards with an index) and a
     description of its source for messages. Shard names in the index must stay inside ``path``;
     every shard must hold exactly the keys the index assigns it."""
-    from zoo.hub.safe_load import resolve_inside
+    from zoo.hub.safe_load import read_safetensors, resolve_inside
 
     path = Path(path)
     index_file = path / (file_name + INDEX_SUFFIX)
@@ -115,7 +114,7 @@ def load_weights(path: str | os.PathLike, file_name: str) -> tuple[dict[str, tor
         single = path / file_name
         if not single.is_file():
             raise FileNotFoundError(f"{single}: missing (and no {index_file.name})")
-        return load_file(str(single)), str(single)
+        return read_safetensors(single), str(single)
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -126,7 +125,7 @@ def load_weights(path: str | os.PathLike, file_name: str) -> tuple[dict[str, tor
         shard_file = resolve_inside(path, shard, where=str(index_file))
         if not shard_file.is_file():
             raise FileNotFoundError(f"{index_file}: names shard {shard}, which is missing")
-        tensors = load_file(str(shard_file))
+        tensors = read_safetensors(shard_file)
         expected = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != expected:
             odd = sorted(set(tensors) ^ expected)

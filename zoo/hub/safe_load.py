@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import warnings
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -38,14 +39,11 @@ def load_checkpoint(path: str | os.PathLike) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own SafetensorError for a bad header
-            raise ConfigError(f"{path}: not a readable safetensors file ({err})") from None
+        return read_safetensors(path)
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        # torch warns on stderr about pickle protocols it reads with care; the outcome is what counts.
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -60,6 +58,21 @@ def load_checkpoint(path: str | os.PathLike) -> object:
         first = str(err).splitlines()[0] if str(err) else ""
         raise ConfigError(f"{path}: not a readable checkpoint (torch.load failed with {type(err).__name__}: "
                           f"{first}); expected a torch.save file or .safetensors") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; a truncated, empty or corrupt file is a ConfigError
+    naming it (safetensors' own error says which part of the header is wrong)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError for a bad header or a short file
+        raise ConfigError(f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt: "
+                          f"write or download it again") from None
 
 
 def safe_relative_path(name: str, *, where: str = "") -> PurePosixPath:

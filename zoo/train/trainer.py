@@ -28,7 +28,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -37,6 +36,7 @@ from zoo.config import ConfigError
 from zoo.data.transforms import make_grid_image
 from zoo.errors import NonFiniteError, WriteError
 from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_dir
+from zoo.hub.safe_load import read_safetensors
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text, save_safetensors
 from zoo.pipeline import Pipeline, parse_labels
 from zoo.recipe import Recipe
@@ -168,7 +168,15 @@ class Trainer:
         set_seed(self.cfg.seed)
 
         # Data first: a missing folder or a class-count mismatch fails before models are built.
-        self.dataset = recipe.data.build()
+        try:
+            self.dataset = recipe.data.build()
+        except (ConfigError, FileNotFoundError) as err:
+            text = str(err)
+            raise ConfigError(text if text.startswith(recipe.source) else f"{recipe.source}: {text}") from None
+        if len(self.dataset) < self.cfg.batch_size:
+            raise ConfigError(f"{recipe.where('train.batch_size')}: {self.cfg.batch_size} is more than the "
+                              f"{len(self.dataset)} items of dataset {recipe.data.name!r}; a step needs a whole batch, "
+                              f"so lower train.batch_size")
         self.token_cache = None
         if recipe.trains_tokenizer:
             if self.cfg.cache_tokens:
@@ -341,20 +349,27 @@ class Trainer:
             if changed:
                 acc.print(f"note: resuming with a recipe that differs in section(s) {', '.join(changed)}")
         model = acc.unwrap_model(self.loss_module).model
-        state = ckpt.read_state(latest)
-        if (latest / ckpt.OPTIMIZER_NAME).is_file():
-            load_state_strict(model, load_file(str(latest / ckpt.MODEL_NAME)), str(latest / ckpt.MODEL_NAME))
-            self.optimizer.load_state_dict(ckpt.load_optimizer(latest / ckpt.OPTIMIZER_NAME))
-            states = ckpt.load_rng_states(latest / ckpt.RNG_NAME)
-            if len(states) == acc.num_processes:
-                ckpt.set_rng_state(states[acc.process_index])
-            else:
-                acc.print(f"note: {latest.name} was written by {len(states)} process(es), this run has "
-                          f"{acc.num_processes}: numpy/Python RNG streams start fresh (torch's is reseeded "
-                          f"every step anyway)")
-        else:  # a checkpoint written by zoo before 0.2 (Accelerate's save_state layout)
-            acc.load_state(str(latest))
-        load_state_strict(self.ema, load_file(str(latest / ckpt.EMA_NAME)), str(latest / ckpt.EMA_NAME))
+        try:
+            state = ckpt.read_state(latest)
+            if (latest / ckpt.OPTIMIZER_NAME).is_file():
+                load_state_strict(model, read_safetensors(latest / ckpt.MODEL_NAME), str(latest / ckpt.MODEL_NAME))
+                self.optimizer.load_state_dict(ckpt.load_optimizer(latest / ckpt.OPTIMIZER_NAME))
+                states = ckpt.load_rng_states(latest / ckpt.RNG_NAME)
+            else:  # a checkpoint written by zoo before 0.2 (Accelerate's save_state layout)
+                acc.load_state(str(latest))
+                states = None
+            load_state_strict(self.ema, read_safetensors(latest / ckpt.EMA_NAME), str(latest / ckpt.EMA_NAME))
+        except ConfigError as err:
+            raise ConfigError(f"{err}. To resume from an earlier checkpoint, delete {latest}") from None
+        except Exception as err:  # a file edited or damaged outside zoo (zoo's writes are atomic)
+            raise ConfigError(f"{latest}: cannot be read ({type(err).__name__}: {err}). To resume from an earlier "
+                              f"checkpoint, delete this folder") from None
+        if states is not None and len(states) == acc.num_processes:
+            ckpt.set_rng_state(states[acc.process_index])
+        elif states is not None:
+            acc.print(f"note: {latest.name} was written by {len(states)} process(es), this run has "
+                      f"{acc.num_processes}: numpy/Python RNG streams start fresh (torch's is reseeded "
+                      f"every step anyway)")
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skips_in_a_row = state.get("skips_in_a_row", 0)
