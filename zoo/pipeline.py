@@ -7,7 +7,8 @@ import inspect
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from zoo.progress import progress_bar
 
 
 def parse_labels(spec: str, num: int, num_classes: int | None) -> torch.Tensor:
@@ -116,7 +117,12 @@ class Pipeline:
         rows = len(next(iter(labels.values()))) if isinstance(labels, dict) else len(labels)
         batches = range(0, rows, batch_size)
         finish = getattr(self.generator, "finish_images", None)  # e.g. VAR-SR adds the bicubic base back
-        for start in tqdm(batches, desc="sampling", disable=not progress or len(batches) < 2):
+        # Several batches: a bar over them; one batch: the generator's own bar over its steps, if it has one.
+        inner = progress and len(batches) < 2 and "progress" in self.sampling_options()
+        if inner:
+            kwargs["progress"] = True
+        for start in progress_bar(batches, desc="sampling", unit="batch", enabled=progress and not inner
+                                  and len(batches) > 1):
             cond = take(labels, start, start + batch_size, device)
             latents = self.generator.sample(cond, generator=generator, **kwargs)
             decoded = self.tokenizer.decode(latents)

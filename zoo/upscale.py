@@ -12,6 +12,7 @@ RGBA files (the alpha channel is upscaled bicubically, apart from the model), an
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from PIL import Image
 
 from zoo.data.photos import bicubic_upsample, degrade
 from zoo.data.transforms import to_tensor_pm1, to_uint8
+from zoo.progress import progress_bar
 
 __all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "SRModel", "read_image", "upscale_file",
            "psnr_ssim", "evaluate_folder", "mean_scores"]
@@ -47,9 +49,10 @@ def blend_window(side: int, ramp: int) -> torch.Tensor:
 
 @torch.no_grad()
 def upscale_tiled(upscale_fn: Callable[[torch.Tensor], torch.Tensor], lr_CHW: torch.Tensor, scale: int, tile: int,
-                  overlap: int, batch_size: int = 16) -> torch.Tensor:
+                  overlap: int, batch_size: int = 16, on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Upscale one image (C, h, w) in [-1, 1] by ``scale`` with ``upscale_fn`` on (N, C, tile, tile)
     LR tiles -> (N, C, tile·scale, tile·scale), blending overlaps; returns (C, h·scale, w·scale).
+    ``on_batch`` is called after each batch of tiles (a progress bar's update).
 
     Images smaller than a tile are edge-padded to one tile and the result cropped back.
     """
@@ -75,6 +78,8 @@ def upscale_tiled(upscale_fn: Callable[[torch.Tensor], torch.Tensor], lr_CHW: to
         for (t, left), tile_hr in zip(chunk, hr):
             out[:, t * scale:t * scale + T, left * scale:left * scale + T] += tile_hr * weight_TT
             total[:, t * scale:t * scale + T, left * scale:left * scale + T] += weight_TT
+        if on_batch is not None:
+            on_batch()
     return (out / total)[:, :h * scale, :w * scale]
 
 
@@ -120,10 +125,15 @@ class SRModel:
             raise ValueError(f"ensemble {ensemble}: choose one of {list(ENSEMBLE_SIZES)} (flips, then rotations)")
         upscale_fn = self.upscale_fn(seed=seed, batch_size=batch_size, **sampling)
         total = None
-        for k in DIHEDRAL_ORDER[:ensemble]:
-            sr = upscale_tiled(upscale_fn, dihedral(lr_CHW, k), self.scale, self.tile, overlap, batch_size)
-            sr = dihedral(sr, k, inverse=True)
-            total = sr if total is None else total + sr
+        h, w = (max(n, self.tile) for n in lr_CHW.shape[-2:])  # a transposed view has as many tiles
+        tiles = len(tile_starts(h, self.tile, overlap)) * len(tile_starts(w, self.tile, overlap))
+        with progress_bar(total=math.ceil(tiles / batch_size) * ensemble, unit="batch", leave=False,
+                          desc=f"upscaling ({tiles} tiles x {ensemble} view(s))") as bar:
+            for k in DIHEDRAL_ORDER[:ensemble]:
+                sr = upscale_tiled(upscale_fn, dihedral(lr_CHW, k), self.scale, self.tile, overlap, batch_size,
+                                   on_batch=bar.update)
+                sr = dihedral(sr, k, inverse=True)
+                total = sr if total is None else total + sr
         return total / ensemble
 
 
@@ -211,7 +221,7 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
     clock, from scikit-image). ``crop`` > 0 first centre-crops each HR image to at most crop x crop
     pixels (a faster check on a CPU)."""
     rows = []
-    for name, rgb in _hr_images(hr_dir):
+    for name, rgb in progress_bar(list(_hr_images(hr_dir)), desc="evaluating", unit="image"):
         if crop:
             top, left = max(0, (rgb.shape[0] - crop) // 2), max(0, (rgb.shape[1] - crop) // 2)
             rgb = rgb[top:top + crop, left:left + crop]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="measure every model in this process (faster; peak memory of later models may read low)")
     p.add_argument("--out", default="compare", help="output folder (default: compare/)")
-    p.add_argument("--no-progress", action="store_true")
+    add_quiet(p)
     return p
 
 
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                          metrics=args.metrics, ref=args.ref, inception_weights=args.inception_weights,
                          train_steps=args.train_steps, train_batch=args.train_batch, device=args.device,
                          weights=args.weights,
-                         isolate=not args.in_process, progress=not args.no_progress)
+                         isolate=not args.in_process, progress=not args.quiet)
         with open(result["files"]["table_md"]) as handle:
             print(handle.read())
         print(f"wrote {result['files']['html']}")
         return 0
 
-    return run_cli(body, "zoo-compare")
+    return run_cli(body, "zoo-compare", quiet=args.quiet)
 
 
 if __name__ == "__main__":

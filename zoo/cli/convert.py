@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config field (YAML value), repeatable: --set num_heads=16 --set patch_nums=[1,2,4]")
     p.add_argument("--license", default=None, help="license for the model card")
     p.add_argument("--max-shard-size", default="5GB")
+    add_quiet(p)
     return p
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"try: zoo-sample {out} --num 16 --out samples.png")
         return 0
 
-    return run_cli(body, "zoo-convert")
+    return run_cli(body, "zoo-convert", quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-npz", default=None, metavar="PATH.npz",
                    help="also write the samples as ADM arrays (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
-    p.add_argument("--no-progress", action="store_true")
+    add_quiet(p)
     return p
 
 
@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             args.model_dir, weights=args.weights, device=device,
             metrics=args.metrics, work_dir=work_dir, num=args.num, labels=args.labels, seed=args.seed,
             batch_size=args.batch_size, ref=args.ref, inception_weights=args.inception_weights,
-            save_npz=args.save_npz, progress=not args.no_progress)
+            save_npz=args.save_npz, progress=not args.quiet)
         text = json.dumps(json_ready(report), indent=2)
         if out is not None:
             atomic_write_text(out, text + "\n")
         print(text)
         return 0
 
-    return run_cli(body, "zoo-eval")
+    return run_cli(body, "zoo-eval", quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "the HF cache, or $HF_HOME/zoo/official/NAME for official weights")
     p.add_argument("--list-official", action="store_true", help="list the known official weights and exit")
     p.add_argument("--force", action="store_true", help="official:NAME: convert again even if already converted")
+    add_quiet(p)
     return p
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"try: zoo-sample {path} --num 16 --out samples.png")
         return 0
 
-    return run_cli(body, "zoo-pull")
+    return run_cli(body, "zoo-pull", quiet=args.quiet)
 
 
 if __name__ == "__main__":

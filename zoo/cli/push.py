@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: other)")
     p.add_argument("--tag", action="append", default=[], help="extra model-card tag (repeatable)")
     p.add_argument("--max-shard-size", default="5GB", help="shard weights above this size (default 5GB)")
+    add_quiet(p)
     return p
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"commit: {url}")
         return 0
 
-    return run_cli(body, "zoo-push")
+    return run_cli(body, "zoo-push", quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     p.add_argument("--out", default=None, help="PNG to write (default: MODEL_DIR/reconstructions.png; required for "
                                                "a Hub repo); a .json with the numbers is written beside it")
+    add_quiet(p)
     return p
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} (rows: originals, then reconstructions)")
         return 0
 
-    return run_cli(body, "zoo-reconstruct")
+    return run_cli(body, "zoo-reconstruct", quiet=args.quiet)
 
 
 if __name__ == "__main__":

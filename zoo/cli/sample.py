@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--out", required=True, help="PATH.png (a grid) or PATH.npz (ADM: arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    add_quiet(p)
     return p
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = {"num_iter": args.steps}
         images = pipe.generate(
             labels, seed=defaults.seed if args.seed is None else args.seed,
-            batch_size=args.batch_size or defaults.batch_size, progress=True,
+            batch_size=args.batch_size or defaults.batch_size, progress=not args.quiet,
             sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta,
             top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
             num_sampling_steps=args.diffusion_steps, **steps,
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {num} samples to {out}")
         return 0
 
-    return run_cli(body, "zoo-sample")
+    return run_cli(body, "zoo-sample", quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-models", nargs="?", const="*", metavar="PATTERN",
                         help="list registered generators (and tokenizers, objectives, datasets) and exit")
     parser.add_argument("--dry-run", action="store_true", help="validate the recipe, print it resolved, and exit")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    add_quiet(parser)
     return parser
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
         run_dir = args.run_dir or default_run_dir(args.recipe)
-        trainer = Trainer(recipe, run_dir, resume=args.resume, progress=not args.no_progress, cpu=args.cpu)
+        trainer = Trainer(recipe, run_dir, resume=args.resume, progress=not args.quiet, cpu=args.cpu)
         grid = trainer.fit()
         if trainer.accelerator.is_main_process:
             print(f"run directory: {run_dir}")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind}: {grid}")
         return 0
 
-    return run_cli(body, "zoo-train")
+    return run_cli(body, "zoo-train", quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from zoo.cli.common import run_cli
+from zoo.cli.common import add_quiet, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=0, help="with --eval: centre-crop each HR image to at most N x N")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
+    add_quiet(p)
     return p
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"images": rows, "mean": mean}))
         return 0
 
-    return run_cli(body, "zoo-upscale")
+    return run_cli(body, "zoo-upscale", quiet=args.quiet)
 
 
 if __name__ == "__main__":

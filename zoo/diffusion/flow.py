@@ -69,12 +69,9 @@ def _per_example(values: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _steps_bar(steps: int, progress: bool):
-    indices = range(steps)
-    if progress:
-        from tqdm.auto import tqdm  # optional dependency, only needed for the bar
+    from zoo.progress import progress_bar
 
-        indices = tqdm(indices)
-    return indices
+    return progress_bar(range(steps), desc="steps", unit="step", leave=False) if progress else range(steps)
 
 
 @dataclasses.dataclass

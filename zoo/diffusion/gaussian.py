@@ -429,9 +429,9 @@ class GaussianDiffusion:
     def _indices(self, progress: bool):
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm  # optional dependency, only needed for the bar
+            from zoo.progress import progress_bar
 
-            indices = tqdm(indices)
+            indices = progress_bar(indices, desc="steps", unit="step", leave=False)
         return indices
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,

@@ -33,6 +33,7 @@ from zoo.eval.evaluate import (
 from zoo.eval.measure import measure_isolated, measure_model
 from zoo.eval.report import comparison_grid, html_report, loss_plot, markdown_table, read_loss_log
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text
+from zoo.progress import progress_bar
 
 __all__ = ["compare", "COLUMNS"]
 
@@ -107,7 +108,8 @@ def compare(models: list[str | os.PathLike], *, out: str | os.PathLike = "compar
 
     rows, grid_rows, curves, notes, sample_files = [], [], {}, [], []
     column_labels = None
-    for model, name, config in zip(models, names, configs):
+    for model, name, config in progress_bar(list(zip(models, names, configs)), desc="comparing", unit="model",
+                                            enabled=progress):
         started = time.perf_counter()
         pipe = load_model_dir(model, weights=weights, device=device)
         grid_labels = _column_labels(labels, pipe.num_classes, where=str(model))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from zoo.eval.metrics import feature_statistics, frechet_distance
+from zoo.progress import progress_bar
 
 __all__ = ["WEIGHTS_FILE", "WEIGHTS_OPTION", "require_weights", "inception_features", "fidelity_metrics",
            "read_reference_stats", "fid_from_reference_stats"]
@@ -91,7 +92,7 @@ def inception_features(images: np.ndarray, weights: str, *, device: str = "cpu",
     net = _extractor(weights, [feature], device)
     data = _Uint8Images(images, "inception_features")
     out = []
-    for start in range(0, len(data), batch_size):
+    for start in progress_bar(range(0, len(data), batch_size), desc="Inception features", unit="batch", leave=False):
         batch = torch.stack([data[i] for i in range(start, min(start + batch_size, len(data)))]).to(device)
         out.append(net(batch)[0].double().cpu())
     return torch.cat(out).numpy()

@@ -9,6 +9,7 @@ import torch
 from zoo.data.transforms import make_grid_image
 from zoo.eval.metrics import psnr, ssim
 from zoo.io import atomic_write
+from zoo.progress import progress_bar
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def reconstruction_report(tokenizer, images: torch.Tensor, *, batch_size: int = 
     device = next(iter(tokenizer.parameters()), torch.empty(0)).device
     recons, hits = [], None
     vocab = getattr(tokenizer, "vocab_size", None)
-    for start in range(0, len(images), batch_size):
+    for start in progress_bar(range(0, len(images), batch_size), desc="reconstructing", unit="batch"):
         batch = images[start:start + batch_size].to(device)
         recons.append(tokenizer.decode(tokenizer.encode(batch)).clamp(-1, 1).float().cpu())
         if hasattr(tokenizer, "img_to_idxBl") and vocab:

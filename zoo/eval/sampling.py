@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from zoo.data.transforms import to_uint8
 from zoo.io import atomic_write, atomic_write_json
+from zoo.progress import progress_bar
 
 __all__ = ["batch_seed", "sample_for_eval", "save_adm_npz", "load_adm_npz"]
 
@@ -106,7 +106,7 @@ def sample_for_eval(pipe, labels: torch.Tensor, *, seed: int = 0, batch_size: in
             atomic_write_json(manifest, settings)
     starts = range(0, len(labels), batch_size)
     chunks = []
-    for index, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, dynamic_ncols=True)):
+    for index, start in enumerate(progress_bar(starts, desc="sampling", unit="batch", enabled=progress)):
         shard = work / f"batch-{index:06d}.npz" if work is not None else None
         if shard is not None and shard.is_file():
             with np.load(shard) as data:

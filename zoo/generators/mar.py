@@ -387,9 +387,9 @@ class MAR(nn.Module):
             class_embedding = torch.cat([class_embedding, fake_BD], dim=0)
         steps = range(num_iter)
         if progress:
-            from tqdm.auto import tqdm
+            from zoo.progress import progress_bar
 
-            steps = tqdm(steps)
+            steps = progress_bar(steps, desc="unmasking", unit="iter", leave=False)
         for step in steps:
             tokens_in, mask_in = tokens_BLC, mask_BL
             if guided:

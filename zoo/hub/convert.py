@@ -44,6 +44,7 @@ import yaml
 from zoo.config import ConfigError, config_to_dict
 from zoo.hub.safe_load import load_checkpoint
 from zoo.io import load_state_strict
+from zoo.progress import progress_bar
 
 GENERATOR_FORMATS = ("dit", "diffusers-dit", "meanflow", "var", "var-sr", "mar")
 TOKENIZER_FORMATS = ("kl-vae", "diffusers-vae", "vqvae")
@@ -609,7 +610,13 @@ def convert(src: str | os.PathLike, format: str, out: str | os.PathLike, *, over
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _convert_into(src, format, tmp, split, tokenizer, sample, card, max_shard_size)
+        stages = 2 if format in TOKENIZER_FORMATS else 3
+        with progress_bar(total=stages, desc=f"converting {Path(src).name}", unit="stage") as bar:
+            def stage(name: str) -> None:
+                bar.set_postfix_str(name, refresh=False)
+                bar.update()
+
+            _convert_into(src, format, tmp, split, tokenizer, sample, card, max_shard_size, stage)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -620,7 +627,8 @@ def convert(src: str | os.PathLike, format: str, out: str | os.PathLike, *, over
 
 
 def _convert_into(src, format: str, out: Path, split: dict, tokenizer, sample: dict | None, card: dict,
-                  max_shard_size) -> None:
+                  max_shard_size, stage) -> None:
+    """The work of :func:`convert`; ``stage(name)`` is called as each stage ends (a progress bar)."""
     from zoo.config import build_config
     from zoo.hub.api import save_pretrained
     from zoo.pipeline import Pipeline
@@ -630,7 +638,9 @@ def _convert_into(src, format: str, out: Path, split: dict, tokenizer, sample: d
         if tokenizer is not None:
             raise ValueError(f"--tokenizer does not apply to the tokenizer format {format!r}")
         converted = convert_tokenizer(src, format, {**split["model"], **split["tokenizer"]})
+        stage("read")
         save_pretrained(converted.module, out, max_shard_size=max_shard_size, **card)
+        stage("written")
         return
 
     if format == "mar" and tokenizer is not None:
@@ -640,6 +650,7 @@ def _convert_into(src, format: str, out: Path, split: dict, tokenizer, sample: d
     else:
         generator = convert_generator(src, format, split["model"])
         tok = None
+    stage("generator read")
     gen_fields = generator.section
     if tok is None and tokenizer is not None:
         tok = _tokenizer_for(tokenizer, format, split, generator_fields=gen_fields)
@@ -654,6 +665,7 @@ def _convert_into(src, format: str, out: Path, split: dict, tokenizer, sample: d
             raise ConfigError(f"{src}: a {format!r} generator works on a tokenizer with weights; give it with "
                               f"--tokenizer (a zoo tokenizer directory, or the official "
                               f"{DEFAULT_TOKENIZER_FORMAT[format]!r} file; see zoo-pull --list-official)")
+    stage("tokenizer read")
     info = type(tok.module).describe(tok.module.config)
     _check_pair(format, gen_fields, info, str(src), tok.source)
     if format in ("dit", "diffusers-dit", "meanflow"):
@@ -673,6 +685,7 @@ def _convert_into(src, format: str, out: Path, split: dict, tokenizer, sample: d
     pipe = Pipeline(generator.module, tok.module, sample_config, num_classes=num_classes, image_size=image_size,
                     config=config)
     save_pretrained(pipe, out, max_shard_size=max_shard_size, **card)
+    stage("written")
 
 
 def _check_pair(format: str, gen: dict, tok: dict, gen_source: str, tok_source: str) -> None:

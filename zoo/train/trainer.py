@@ -30,7 +30,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from zoo.config import ConfigError
 from zoo.data.transforms import make_grid_image
@@ -39,6 +38,7 @@ from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_d
 from zoo.hub.safe_load import read_safetensors
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text, save_safetensors
 from zoo.pipeline import Pipeline, parse_labels
+from zoo.progress import progress_bar
 from zoo.recipe import Recipe
 from zoo.train import checkpoint as ckpt
 from zoo.train.data import StepBatchSampler
@@ -317,8 +317,8 @@ class Trainer:
 
         def write(tmp: str) -> None:
             out = None
-            for start in tqdm(range(0, len(keys), chunk), desc="encoding the dataset once (train.cache_tokens)",
-                              disable=not self.progress, dynamic_ncols=True):
+            for start in progress_bar(range(0, len(keys), chunk), desc="encoding the dataset once (train.cache_tokens)",
+                                      unit="batch", enabled=self.progress):
                 images = torch.stack([self.dataset.get_variant(i, v)[0] for i, v in keys[start:start + chunk]])
                 rows = self.tokenizer.cache_inputs(images.to(device)).cpu().numpy()
                 if out is None:
@@ -604,8 +604,8 @@ class Trainer:
         if acc.is_main_process:
             _truncate_log(log_file, self.step)
         batch_iter = iter(self._loader())
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.progress and acc.is_main_process),
-                   desc=self.run_dir.name, dynamic_ncols=True)
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc=self.run_dir.name, unit="step",
+                           enabled=self.progress and acc.is_main_process)
         end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         with _stop_on_interrupt() as interrupted:
             self._loop(end, batch_iter, bar, log_file, interrupted)
