@@ -176,6 +176,19 @@ class _Forked:
 # ---------------------------------------------------------------------------- checks
 
 
+def _wait_for_a_checkpoint_after(run_dir: Path, step: int, attempt, timeout: float) -> None:
+    """Until the run's ``latest`` names a step past ``step`` (or the attempt ends)."""
+    pointer = run_dir / "checkpoints" / "latest"
+    deadline = time.perf_counter() + timeout
+    while attempt.alive() and time.perf_counter() < deadline:
+        try:
+            if int(pointer.read_text().strip().split("-")[1]) > step:
+                return
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.002)
+
+
 def load_latest(run_dir: Path) -> int | None:
     """Load every file of the run's latest checkpoint (raises if any is unreadable); its step."""
     from safetensors.torch import load_file
@@ -272,12 +285,14 @@ def run(recipe: str, overrides: list[str], *, kills: int, io_kills: int, work: P
     counts = json.loads(Path(count_file).read_text())
     io_total = counts["total"]
     steps = max(1, len(logged_losses(reference)))
-    # A fifth of the random kills land in the start-up (building, resuming); the others within twice
-    # the run's share per kill after it, so that the kills spread over the whole run, its end included.
-    share = 2.0 / max(1, kills + io_kills)
+    # A fifth of the random kills land in the start-up (building, resuming); the others after the
+    # attempt's first new checkpoint, within twice the run's share of steps per kill (at least one),
+    # so that every attempt moves the run on and the kills spread over all of it, its end included.
+    per_kill = max(1.0, steps / max(1, kills + io_kills))
     step_seconds = (reference_seconds - (first_checkpoint or 0.0)) / max(1, steps - 1)
     startup = max(0.0, (first_checkpoint or 0.0) - step_seconds)
-    io_window = counts["at_fit"] + max(1, int(share * (io_total - counts["at_fit"])))
+    calls_per_step = (io_total - counts["at_fit"]) / steps
+    io_window = counts["at_fit"] + max(1, int(2 * per_kill * calls_per_step))
 
     io_log = work / "io_kills.jsonl"
     io_log.unlink(missing_ok=True)
@@ -291,9 +306,11 @@ def run(recipe: str, overrides: list[str], *, kills: int, io_kills: int, work: P
     for kind in plan:
         if kind == "random":
             attempt = launcher.start(args(run_dir))
-            in_startup = rng.random() < 0.2
-            time.sleep(rng.uniform(0.0, startup) if in_startup else
-                       startup + rng.uniform(0.0, share * steps * step_seconds))
+            if rng.random() < 0.2:
+                time.sleep(rng.uniform(0.0, startup))
+            else:
+                _wait_for_a_checkpoint_after(run_dir, last_step, attempt, timeout)
+                time.sleep(rng.uniform(0.0, 2 * (per_kill - 1) * step_seconds + step_seconds))
             if not attempt.alive():
                 report["finished_before_kill"] += 1
                 attempt.wait(timeout)
@@ -354,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help="the recipe (default: the default recipe's DiT made tiny; another recipe runs as it "
                              "is, with a checkpoint and a log line every step, plus your overrides)")
-    parser.add_argument("--steps", type=int, default=30, help="train.max_steps of the run")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train.max_steps of the run (default: one per kill, at least 30)")
     parser.add_argument("--kills", type=int, default=20, help="kills at random instants")
     parser.add_argument("--io-kills", type=int, default=10, help="kills just before a random durability call")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill plan")
@@ -364,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     tiny = TINY if args.recipe == DEFAULT_RECIPE else []
-    overrides = [*tiny, *EVERY_STEP, f"train.max_steps={args.steps}", *args.overrides]
+    steps = args.steps or max(30, args.kills + args.io_kills)
+    overrides = [*tiny, *EVERY_STEP, f"train.max_steps={steps}", *args.overrides]
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="zoo-kill-"))
     work.mkdir(parents=True, exist_ok=True)
     report = run(args.recipe, overrides, kills=args.kills, io_kills=args.io_kills, work=work, seed=args.seed,
