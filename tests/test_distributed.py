@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.test_mar import RECIPE as MAR_TINY
 from zoo.recipe import load_recipe
 from zoo.train import Trainer
 from zoo.train import checkpoint as ckpt
@@ -29,15 +30,10 @@ ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not installed")]
 
-MAR_RECIPE = {
-    "model": {"name": "mar-t", "img_size": 8, "vae_stride": 1, "patch_size": 2, "vae_embed_dim": 1, "class_num": 10,
-              "buffer_size": 2},
-    "tokenizer": {"name": "pixel", "channels": 1},
-    "objective": {"name": "gaussian", "noise_schedule": "cosine"},
-    "data": {"name": "digits", "image_size": 8},
-    "train": {"batch_size": 32, "max_steps": 6, "lr": 1e-3, "log_every": 1, "tensorboard": False, "ema_decay": 0.9},
-    "sample": {"num": 10, "batch_size": 10, "num_iter": 2, "steps": 5},
-}
+MAR_RECIPE = {**MAR_TINY,
+              "train": {"batch_size": 32, "max_steps": 6, "lr": 1e-3, "log_every": 1, "tensorboard": False,
+                        "ema_decay": 0.9},
+              "sample": {"num": 10, "batch_size": 10, "num_iter": 2, "steps": 5}}
 
 
 def launch(recipe, run_dir, report_dir, *extra, processes=2):
