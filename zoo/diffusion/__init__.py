@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from zoo.config import ConfigError
@@ -20,11 +21,13 @@ from zoo.diffusion.gaussian import (
     LossType,
     ModelMeanType,
     ModelVarType,
+    _split_learned,
     get_named_beta_schedule,
     mean_flat,
 )
 from zoo.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from zoo.diffusion.respace import SpacedDiffusion, space_timesteps
+from zoo.diffusion.solvers import SOLVERS, solve
 from zoo.registry import register_objective
 
 __all__ = [
@@ -43,7 +46,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
 ]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *SOLVERS)  # ancestral, DDIM, and the fast multistep ODE solvers
 
 
 def _diffusion_kwargs(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
@@ -178,6 +181,36 @@ class GaussianObjective(SpacedDiffusion):
         terms = self.training_losses(model_fn, x_start, t, model_kwargs, generator=generator)
         return {name: value.mean() for name, value in terms.items()}
 
+    def data_prediction(self, model_fn: Callable, model_kwargs: dict | None = None, *,
+                        clip_denoised: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``x0(x_t, t)`` from the network, whatever it predicts (eps, x0 or v), at original timestep
+        indices ``t`` of the base schedule; a learned-variance output's variance half is dropped."""
+        model_kwargs = {} if model_kwargs is None else model_kwargs
+        alphas_cumprod = np.cumprod(1.0 - self.original_betas)
+        sqrt_ab = torch.from_numpy(np.sqrt(alphas_cumprod)).float()
+        sqrt_1m_ab = torch.from_numpy(np.sqrt(1.0 - alphas_cumprod)).float()
+        learned = self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model_fn(x, t, **model_kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if learned:
+                out, _ = _split_learned(out, x)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            a = sqrt_ab.to(x.device)[t].view(shape).to(x.dtype)
+            s = sqrt_1m_ab.to(x.device)[t].view(shape).to(x.dtype)
+            if self.model_mean_type == ModelMeanType.EPSILON:
+                x0 = (x - s * out) / a
+            elif self.model_mean_type == ModelMeanType.START_X:
+                x0 = out
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                x0 = a * x - s * out
+            else:
+                raise ValueError(f"the fast solvers need an eps, x0 or v model, not {self.model_mean_type}")
+            return x0.clamp(-1, 1) if clip_denoised else x0
+
+        return predict
+
     def sampling_diffusion(self, steps: int | str | None = None) -> SpacedDiffusion:
         """This schedule respaced to ``steps``, cached per value.
 
@@ -212,19 +245,31 @@ class GaussianObjective(SpacedDiffusion):
 
         Args:
             model_fn: network called with original timestep indices.
-            sampler: ``"ddpm"`` (ancestral, :meth:`p_sample_loop`) or ``"ddim"`` (:meth:`ddim_sample_loop`).
-            steps: respacing, see :meth:`sampling_diffusion`.
+            sampler: ``"ddpm"`` (ancestral, :meth:`p_sample_loop`), ``"ddim"`` (:meth:`ddim_sample_loop`),
+                or a fast ODE solver, ``"dpm++2m"`` or ``"unipc"`` (:mod:`zoo.diffusion.solvers`: one
+                network evaluation per step, good samples in 10-25 steps).
+            steps: respacing, see :meth:`sampling_diffusion`; for the fast solvers a number of steps.
             clip_denoised: clamp x_0 predictions to [-1, 1] (pixel-space data; off for latents).
             eta: DDIM noise scale (ddim only).
             temperature: scale of the per-step noise (ddpm only).
             generator: source of the per-step noise.
 
         Raises:
-            ValueError: unknown sampler, or a temperature other than 1 with ddim (whose noise is
-                set by ``eta``).
+            ValueError: unknown sampler, a temperature other than 1 with a deterministic sampler
+                (DDIM's noise is set by ``eta``), or ``eta`` with a fast solver.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if sampler in SOLVERS:
+            if temperature != 1.0 or eta != 0.0:
+                raise ValueError(f"{sampler} integrates the deterministic probability-flow ODE: temperature and eta "
+                                 f"apply to ddpm and ddim only")
+            count = int(steps) if isinstance(steps, str) and steps.strip().isdigit() else steps
+            if count is None or count == "":
+                raise ValueError(f"{sampler} needs a number of steps (10-25 is its range)")
+            predict = self.data_prediction(model_fn, model_kwargs, clip_denoised=clip_denoised)
+            return solve(predict, noise, alphas_cumprod=np.cumprod(1.0 - self.original_betas), steps=count,
+                         solver=sampler, progress=progress)
         diffusion = self.sampling_diffusion(steps)
         shape = tuple(noise.shape)
         if sampler == "ddpm":

@@ -362,7 +362,8 @@ class MAR(nn.Module):
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False, *,
                       generator: torch.Generator | None = None,
-                      num_sampling_steps: str | int | None = None, clip_denoised: bool = False) -> torch.Tensor:
+                      num_sampling_steps: str | int | None = None, clip_denoised: bool = False,
+                      sampler: str = "ddpm") -> torch.Tensor:
         """The release's sampler: latents (bsz, C, H, W) after ``num_iter`` unmasking steps.
 
         Each step encodes/decodes the current tokens (with a null-class half when ``cfg != 1``),
@@ -403,7 +404,8 @@ class MAR(nn.Module):
             to_pred = torch.cat([to_pred_BL, to_pred_BL]) if guided else to_pred_BL
             cfg_iter = cfg_at_step(cfg, cfg_schedule, mask_len, self.seq_len)
             sampled = self.diffloss.sample(z_BLD[to_pred], temperature, cfg_iter, generator=generator,
-                                           num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
+                                           num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised,
+                                           sampler=sampler)
             if guided:
                 sampled = sampled[: len(sampled) // 2]  # the null-class half repeats the guided tokens
             tokens_BLC = tokens_BLC.clone()
@@ -414,17 +416,19 @@ class MAR(nn.Module):
     def sample(self, cond: torch.Tensor, *, generator: torch.Generator | None = None, num_iter: int = 64,
                cfg_scale: float = 1.0, cfg_schedule: str = "linear", temperature: float = 1.0,
                num_sampling_steps: str | int | None = None, clip_denoised: bool = False,
-               progress: bool = False) -> torch.Tensor:
+               sampler: str = "ddpm", progress: bool = False) -> torch.Tensor:
         """Latents (B, vae_embed_dim, H, W) for class labels ``cond`` (B,), ready for ``tokenizer.decode``.
 
         ``num_iter`` unmasking steps, classifier-free guidance ``cfg_scale`` with the ``linear`` or
         ``constant`` schedule, ``temperature`` on the head's per-step noise, ``num_sampling_steps``
         (default the config's) for the head's respaced diffusion, ``clip_denoised`` (off, as the
-        release; on for pixel tokens). Deterministic for a seeded generator.
+        release; on for pixel tokens), ``sampler`` the head's sampler (``ddpm``, the release's, or
+        ``ddim``, ``dpm++2m``, ``unipc``; the last two take ``num_sampling_steps`` as their step count).
+        Deterministic for a seeded generator.
         """
         return self.sample_tokens(len(cond), num_iter=num_iter, cfg=cfg_scale, cfg_schedule=cfg_schedule,
                                   labels=cond, temperature=temperature, progress=progress, generator=generator,
-                                  num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
+                                  num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised, sampler=sampler)
 
     # ----------------------------------------------------------------- official checkpoints
 

@@ -506,7 +506,8 @@ class VARSR(nn.Module):
     @torch.no_grad()
     def sample(self, cond, *, tokenizer: nn.Module | None = None, generator: torch.Generator | None = None,
                cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-               temperature: float = 1.0, refine: bool = True, mean_tokens: bool = False) -> torch.Tensor:
+               temperature: float = 1.0, refine: bool = True, mean_tokens: bool = False,
+               sampler: str = "ddpm") -> torch.Tensor:
         """f_hat (B, Cvae, pn_last, pn_last) of HR pyramids drawn for LR images ``cond``, scale by
         scale with a KV cache; ``tokenizer.decode`` then :meth:`finish_images` give the images.
 
@@ -519,18 +520,19 @@ class VARSR(nn.Module):
         what the scale adds, which is what PSNR rewards (a drawn or greedy token is one guess; where
         the model is unsure the mean hedges between its guesses). The next scale is predicted from
         that mean, and the returned pyramid holds the argmax tokens.
-        ``temperature`` scales the refiner's per-step noise; ``refine=False`` skips the refiner. All
-        randomness comes from ``generator``.
+        ``temperature`` scales the refiner's per-step noise; ``refine=False`` skips the refiner;
+        ``sampler`` is the refiner's (``ddpm``, the release's; ``ddim``, ``dpm++2m``, ``unipc`` with
+        ``refiner_steps`` steps). All randomness comes from ``generator``.
         """
         return self.sample_tokens(cond, tokenizer=tokenizer, generator=generator, cfg_scale=cfg_scale, top_k=top_k,
                                   top_p=top_p, more_smooth=more_smooth, temperature=temperature, refine=refine,
-                                  mean_tokens=mean_tokens)[0]
+                                  mean_tokens=mean_tokens, sampler=sampler)[0]
 
     @torch.no_grad()
     def sample_tokens(self, cond, *, tokenizer: nn.Module | None = None, generator: torch.Generator | None = None,
                       cfg_scale: float = 0.0, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                      temperature: float = 1.0, refine: bool = True,
-                      mean_tokens: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      temperature: float = 1.0, refine: bool = True, mean_tokens: bool = False,
+                      sampler: str = "ddpm") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`sample` that also returns the sampled index pyramid: one (B, pn²) LongTensor per scale."""
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is None:
@@ -591,7 +593,7 @@ class VARSR(nn.Module):
                 else:
                     f_hat.add_(h_BCvhw)
                 if self.config.refiner and refine:
-                    f_hat.add_(self._refine(x_BlC, idx_Bl, guided, t, temperature, generator))
+                    f_hat.add_(self._refine(x_BlC, idx_Bl, guided, t, temperature, generator, sampler))
                 break
             f_hat, next_BCvhw = quantize.get_next_autoregressive_input(si, SN, f_hat, h_BCvhw)
             next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2))
@@ -600,7 +602,8 @@ class VARSR(nn.Module):
                 next_BlC = next_BlC.repeat(2, 1, 1)
         return f_hat, idx_pyramid
 
-    def _refine(self, x_BlC, idx_Bl, guided: bool, t: float, temperature: float, generator) -> torch.Tensor:
+    def _refine(self, x_BlC, idx_Bl, guided: bool, t: float, temperature: float, generator,
+                sampler: str = "ddpm") -> torch.Tensor:
         """The refiner's residual (B, Cvae, pn, pn) for the last scale's hidden states and tokens."""
         B, pn = idx_Bl.shape[0], self.patch_nums[-1]
         if guided:
@@ -609,7 +612,8 @@ class VARSR(nn.Module):
         # As the release: MAR's head mixes uncond + t·(cond − uncond) with t = cfg_scale at the last scale
         # (so cfg_scale 1 leaves the refiner unguided), while the tokens take (1 + t)·cond − t·uncond.
         resid_NCv = self.diffloss.sample(z_NC, temperature=temperature, cfg=t if guided else 1.0,
-                                         generator=generator, clip_denoised=True) * self.config.refiner_scale
+                                         generator=generator, clip_denoised=True,
+                                         sampler=sampler) * self.config.refiner_scale
         resid_BlCv = resid_NCv.reshape(-1, pn * pn, self.Cvae)[:B]
         return resid_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
 

@@ -185,8 +185,10 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg=1.0, *,
                generator: torch.Generator | None = None, num_sampling_steps: str | int | None = None,
-               clip_denoised: bool = False) -> torch.Tensor:
-        """Tokens (N, C) drawn for conditions z (N, z_channels) by ancestral sampling.
+               clip_denoised: bool = False, sampler: str = "ddpm") -> torch.Tensor:
+        """Tokens (N, C) drawn for conditions z (N, z_channels) by ancestral sampling (``sampler="ddpm"``,
+        the release's), or by another sampler of the objective (``"ddim"``, or the fast ODE solvers
+        ``"dpm++2m"`` and ``"unipc"``, which take ``num_sampling_steps`` as their number of steps).
 
         With ``cfg != 1`` the batch is [conditional; unconditional] halves that share their starting
         noise and are guided by :meth:`SimpleMLPAdaLN.forward_with_cfg`. ``temperature`` scales the
@@ -207,6 +209,10 @@ class DiffLoss(nn.Module):
             model_fn, model_kwargs = self.net.forward_with_cfg, dict(c=z, cfg_scale=cfg)
         else:
             model_fn, model_kwargs = self.net.forward, dict(c=z)
+        if sampler != "ddpm":
+            steps = self.num_sampling_steps if num_sampling_steps is None else num_sampling_steps
+            return self.objective.sample(model_fn, noise, sampler=sampler, steps=steps, model_kwargs=model_kwargs,
+                                         clip_denoised=clip_denoised, temperature=temperature, generator=generator)
         return diffusion.p_sample_loop(model_fn, tuple(noise.shape), noise=noise, clip_denoised=clip_denoised,
                                        model_kwargs=model_kwargs, device=z.device, temperature=temperature,
                                        generator=generator)
