@@ -2,6 +2,7 @@
 
     python tools/bench.py RECIPE [key.path=value ...] [--batch-size 8] [--steps 5] [--what train,sample,cfg]
     python tools/bench.py --compare RECIPE 'RECIPE key=value' ... [--rounds 3] [--what train]   # speed ratios
+    python tools/bench.py RECIPE --against ~/src/DiT [--what train,sample] [--variants official,zoo]
 
 It times what the trainer and sampler do, on random latents of the generator's input shape (for a
 generator on a discrete tokenizer, VAR, on random images through the recipe's tokenizer, whose
@@ -63,6 +64,8 @@ def measure(args) -> dict:
     recipe, generator = build(args.recipe, args.overrides)
     device = args.device
     generator.to(device)
+    if recipe.train.checkpoint_activations:  # as the trainer sets it
+        generator.checkpoint_activations = True
     if args.compile != "none":
         generator.compile(mode=args.compile)
     tokenizer = None
@@ -77,7 +80,8 @@ def measure(args) -> dict:
     num_classes = getattr(generator, "num_classes", 1)
     result = {"what": args.child, "model": recipe.model.name, "latent_shape": list(shape),
               "params_M": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
-              "threads": torch.get_num_threads(), "device": device, "compile": args.compile}
+              "threads": torch.get_num_threads(), "device": device, "compile": args.compile,
+              "checkpoint_activations": recipe.train.checkpoint_activations}
 
     def sync():
         if device.startswith("cuda"):
@@ -330,10 +334,24 @@ def main() -> None:
                         help="measure these recipes too, in one process, alternating, and print speed ratios; "
                              "an item may carry its own overrides: 'recipes/a.yaml train.batch_size=32'")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: measurements per recipe (median)")
+    parser.add_argument("--against", metavar="DIR",
+                        help="a local checkout of facebookresearch/DiT, LTH14/mar or FoundationVision/VAR: time it "
+                             "beside zoo in one process on the same weights and batch (tools/against.py)")
+    parser.add_argument("--variants", default=None,
+                        help="--against: comma list of official, zoo, zoo-bf16, zoo-bf16-compile "
+                             "(default: all that the device allows)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.against:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import against
+
+        if not args.recipe:
+            parser.error("--against needs the RECIPE whose generator to build on both sides")
+        against.run(args, *build(args.recipe, args.overrides))
+        return
     if args.compare:
         if args.recipe and "=" in args.recipe and not os.path.isfile(args.recipe):
             args.recipe, args.overrides = None, [args.recipe, *args.overrides]  # only overrides were given

@@ -56,6 +56,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     mixed_precision: str = "no"
     compile: str = "none"  # torch.compile mode of the generator
+    # Recompute each transformer block's activations in the backward pass (torch.utils.checkpoint):
+    # the same gradients for about one more forward pass, and the memory of one block's activations.
+    checkpoint_activations: bool = False
     allow_tf32: bool = True  # TF32 matmuls on NVIDIA GPUs, as DiT's train.py sets; no effect on a CPU
     num_workers: int = 0
     # Encode the dataset once (each item in each augmentation variant) with the frozen tokenizer and

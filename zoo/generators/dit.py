@@ -25,6 +25,7 @@ from zoo.nn import (
     modulate,
     unpatchify,
 )
+from zoo.nn.checkpointing import call_block
 from zoo.registry import create_objective, register_generator
 
 
@@ -179,6 +180,7 @@ class DiT(nn.Module):
     def __init__(self, config: DiTConfig, objective=None):
         super().__init__()
         self.config = config
+        self.checkpoint_activations = False  # train.checkpoint_activations: recompute blocks in backward
         self.learn_sigma = config.learn_sigma
         self.in_channels = config.in_channels
         self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
@@ -216,7 +218,7 @@ class DiT(nn.Module):
         x_NTD = self.x_embedder(x) + self.pos_embed
         c_ND = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x_NTD = block(x_NTD, c_ND)
+            x_NTD = call_block(block, x_NTD, c_ND, checkpointing=self.checkpoint_activations)
         return self.unpatchify(self.final_layer(x_NTD, c_ND))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:

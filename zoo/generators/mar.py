@@ -279,6 +279,17 @@ class MAR(nn.Module):
 
     # ----------------------------------------------------------------- MAE encoder / decoder
 
+    @property
+    def checkpoint_activations(self) -> bool:
+        """``train.checkpoint_activations``: the release's ``grad_checkpointing`` (encoder, decoder and
+        the diffusion head's residual blocks recomputed in the backward pass)."""
+        return self.grad_checkpointing
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, value: bool) -> None:
+        self.grad_checkpointing = bool(value)
+        self.diffloss.net.grad_checkpointing = bool(value)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -30,6 +30,7 @@ from zoo.generators.dit import (
     init_adaln_zero,
 )
 from zoo.nn import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
+from zoo.nn.checkpointing import call_block
 from zoo.registry import create_objective, register_generator
 
 
@@ -46,6 +47,7 @@ class MFDiT(nn.Module):
     def __init__(self, config: MFDiTConfig, objective=None):
         super().__init__()
         self.config = config
+        self.checkpoint_activations = False  # train.checkpoint_activations: recompute blocks in backward
         self.in_channels = self.out_channels = config.in_channels
         self.patch_size = config.patch_size
         self.num_heads = config.num_heads
@@ -76,7 +78,7 @@ class MFDiT(nn.Module):
         x_NTD = self.x_embedder(x) + self.pos_embed
         c_ND = self.t_embedder(t) + self.r_embedder(r) + self.y_embedder(y, train=False)
         for block in self.blocks:
-            x_NTD = block(x_NTD, c_ND)
+            x_NTD = call_block(block, x_NTD, c_ND, checkpointing=self.checkpoint_activations)
         return unpatchify(self.final_layer(x_NTD, c_ND), self.out_channels, self.patch_size)
 
     # ----------------------------------------------------------------- zoo generator interface

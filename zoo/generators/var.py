@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.config import ConfigError
+from zoo.nn.checkpointing import call_block
 from zoo.registry import register_generator
 
 
@@ -424,6 +425,7 @@ class VAR(nn.Module):
             raise ConfigError(f"VAR takes no objective (it is trained with a cross-entropy over token indices); "
                               f"got {type(objective).__name__}: remove the recipe's objective section")
         self.config = config
+        self.checkpoint_activations = False  # train.checkpoint_activations: recompute blocks in backward
         self.Cvae, self.V = config.Cvae, config.vocab_size
         self.depth, self.C, self.D, self.num_heads = config.depth, config.width, config.width, config.heads
         self.num_classes = config.num_classes
@@ -547,7 +549,8 @@ class VAR(nn.Module):
             dtype = torch.get_autocast_dtype(x_BLC.device.type)
             x_BLC, cond_BD_or_gss, attn_mask = x_BLC.to(dtype), cond_BD_or_gss.to(dtype), attn_mask.to(dtype)
         for block in self.blocks:
-            x_BLC = block(x_BLC, block.modulation(cond_BD_or_gss), attn_mask=attn_mask, chunks=chunks)
+            x_BLC = call_block(block, x_BLC, block.modulation(cond_BD_or_gss), attn_mask=attn_mask, chunks=chunks,
+                               checkpointing=self.checkpoint_activations)
         logits_BLV = self.get_logits(x_BLC, cond_BD)
         if ed == self.first_l:
             # The word embedding sees no input at the first stage; touch it so DDP finds its gradient.

@@ -195,6 +195,11 @@ class Trainer:
             self.token_cache = self._token_cache() if self.cfg.cache_tokens else None
             self.objective = recipe.objective.build() if recipe.objective is not None else None
             self.model = recipe.model.build(objective=self.objective)
+        if self.cfg.checkpoint_activations:
+            if not hasattr(self.model, "checkpoint_activations"):
+                raise ConfigError(f"{recipe.where('train.checkpoint_activations')}: {type(self.model).__name__} does "
+                                  f"not support activation checkpointing (DiT, MeanFlow-DiT, VAR and MAR do)")
+            self.model.checkpoint_activations = True
         self.ema = make_ema(self.model)
         self.model.to(acc.device)  # the fused optimizer is built for the parameters' device
         self.optimizer, _ = make_optimizer(self.model, self.cfg)
