@@ -9,6 +9,7 @@ objective (the shared Gaussian diffusion by default).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 from torch import nn
@@ -90,10 +91,10 @@ class DiTBlock(nn.Module):
                  qk_norm: bool = False):
         super().__init__()
         self.norm1 = make_norm(norm, hidden_size)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True,
-                              qk_norm=(lambda dim: make_norm(norm, dim)) if qk_norm else None)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
+                              norm_layer=partial(make_norm, norm) if qk_norm else None)
         self.norm2 = make_norm(norm, hidden_size)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x_NTD: torch.Tensor, c_ND: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,8 @@ class DiT(nn.Module):
         self.num_heads = config.num_heads
         self.num_classes = config.num_classes
 
-        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size)
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, config.hidden_size,
+                                     bias=True)
         self.t_embedder = TimestepEmbedder(config.hidden_size)
         self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         num_patches = self.x_embedder.num_patches

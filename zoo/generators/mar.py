@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
+from einops import rearrange
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.config import ConfigError
-from zoo.nn import Attention, Mlp
 from zoo.nn.diffloss import DiffLoss, default_head_objective
 from zoo.registry import register_generator
 
@@ -95,30 +97,6 @@ class MARConfig:
     def seq_side(self) -> int:
         return self.img_size // self.vae_stride // self.patch_size
 
-
-#################################################################################
-#                                  Blocks                                       #
-#################################################################################
-
-
-class Block(nn.Module):
-    """Pre-norm ViT block with timm ``Block``'s names (``norm1``, ``attn``, ``norm2``, ``mlp``) and
-    dropouts (``proj_drop`` after the attention projection and after both MLP layers)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, attn_drop: float,
-                 proj_drop: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.mlp_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        x_BLC = x_BLC + self.attn(self.norm1(x_BLC))
-        mlp = self.mlp
-        h_BLC = self.mlp_drop(mlp.fc2(self.mlp_drop(mlp.act(mlp.fc1(self.norm2(x_BLC))))))
-        return x_BLC + h_BLC
 
 
 def _on_generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
@@ -190,9 +168,11 @@ class MAR(nn.Module):
         self.diffusion_batch_mul = config.diffusion_batch_mul
         enc, dec = config.encoder_embed_dim, config.decoder_embed_dim
 
-        def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
-            return nn.ModuleList([Block(dim, heads, config.mlp_ratio, config.norm_eps, config.attn_dropout,
-                                        config.proj_dropout) for _ in range(depth)])
+        def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:  # timm's ViT block, as the release
+            norm = partial(nn.LayerNorm, eps=config.norm_eps)
+            return nn.ModuleList([Block(dim, heads, config.mlp_ratio, qkv_bias=True, norm_layer=norm,
+                                        proj_drop=config.proj_dropout, attn_drop=config.attn_dropout)
+                                  for _ in range(depth)])
 
         self.class_emb = nn.Embedding(config.class_num, enc)
         self.fake_latent = nn.Parameter(torch.zeros(1, enc))  # the "no class" embedding of CFG
@@ -250,16 +230,13 @@ class MAR(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, H, W) -> tokens (B, H/p·W/p, C·p·p), row-major over the token grid."""
-        B, C, H, W = x.shape
         p = self.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
-        return x.reshape(B, (H // p) * (W // p), C * p * p)
+        return rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, L, C·p·p) -> latents (B, C, seq_h·p, seq_w·p)."""
-        B, p, C = x.shape[0], self.patch_size, self.vae_embed_dim
-        x = x.reshape(B, self.seq_h, self.seq_w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-        return x.reshape(B, C, self.seq_h * p, self.seq_w * p)
+        p = self.patch_size
+        return rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=self.seq_h, p=p, q=p)
 
     def sample_orders(self, bsz: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random permutation of the L token positions per row: (bsz, L) long."""

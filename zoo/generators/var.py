@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp, use_fused_attn
 from torch import nn
 
 from zoo.config import ConfigError
@@ -261,10 +264,28 @@ def init_attention_scale(attn: nn.Module, num_heads: int, attn_l2_norm: bool) ->
         attn.scale = 0.25 / math.sqrt(attn.head_dim)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
+           dropout_p: float, fused: bool) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v over (B, H, L, c): PyTorch's fused kernels, or, when timm's
+    ``use_fused_attn()`` is off (``TIMM_FUSED_ATTN=0``: export, debugging), the same maths written out."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+    attn = F.dropout(attn.softmax(dim=-1), p=dropout_p)
+    return attn @ v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with the release's names: a bias-free ``mat_qkv`` plus ``q_bias``
     and ``v_bias`` (keys get none: ``zero_k_bias`` is a stored zero buffer) and, with
-    ``attn_l2_norm``, cosine attention scaled by exp(``scale_mul_1H11``) clamped at 100."""
+    ``attn_l2_norm``, cosine attention scaled by exp(``scale_mul_1H11``) clamped at 100.
+
+    zoo's own rather than timm's ``Attention``: the names, the missing key bias, the cosine scaling,
+    the KV cache and the block-causal chunks are the release's and not timm's. The kernel choice is
+    timm's ``use_fused_attn`` switch.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  attn_l2_norm: bool = False):
@@ -277,6 +298,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
+        self.fused_attn = use_fused_attn()
 
     def forward(self, x_BLC: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, chunks: list[tuple[int, int, bool]] | None = None,
@@ -287,9 +309,10 @@ class SelfAttention(nn.Module):
         (L, head_dim/2)): rotary phases of these tokens, applied to q and k after the cosine
         normalisation (VAR-SR; VAR has none)."""
         B, L, C = x_BLC.shape
-        H, c = self.num_heads, self.head_dim
+        H = self.num_heads
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, H, c)
+        qkv_BL3Hc = rearrange(F.linear(x_BLC, self.mat_qkv.weight, bias), "b l (three h c) -> b l three h c",
+                              three=3, h=H)
         if self.attn_l2_norm:
             # q/|q|·exp(scale_mul) and k/|k| in one pass over q and k together.
             scale_mul_H = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().view(1, H)
@@ -300,38 +323,24 @@ class SelfAttention(nn.Module):
             q_BLHc, k_BLHc = (qk_BL2Hc * (mult_2H1 / norm_BL2H1)).to(qkv_BL3Hc.dtype).unbind(2)
         else:
             q_BLHc, k_BLHc = qkv_BL3Hc[:, :, 0], qkv_BL3Hc[:, :, 1]
-        q, k, v = q_BLHc.transpose(1, 2), k_BLHc.transpose(1, 2), qkv_BL3Hc[:, :, 2].transpose(1, 2)  # (B, H, L, c)
+        q, k, v = (rearrange(t, "b l h c -> b h l c") for t in (q_BLHc, k_BLHc, qkv_BL3Hc[:, :, 2]))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.append(k, v)
         dropout_p = self.attn_drop if self.training else 0.0
         if chunks is None:
-            out_BLHc = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
-                                                      dropout_p=dropout_p).transpose(1, 2)
+            out_BLHc = attend(q, k, v, attn_mask, self.scale, dropout_p, self.fused_attn).transpose(1, 2)
         else:
             # Queries are split (their gradients are concatenated back in one pass); keys and values
             # are prefixes of the sequence (the whole of it for the last chunk: no slice to undo).
             outs = []
             for q_chunk, (b, e, masked) in zip(q.split([e - b for b, e, _ in chunks], dim=2), chunks):
                 k_e, v_e = (k, v) if e == L else (k[:, :, :e], v[:, :, :e])
-                outs.append(F.scaled_dot_product_attention(
-                    q_chunk, k_e, v_e, attn_mask=attn_mask[:, :, b:e, :e] if masked else None, scale=self.scale,
-                    dropout_p=dropout_p).transpose(1, 2))
+                outs.append(attend(q_chunk, k_e, v_e, attn_mask[:, :, b:e, :e] if masked else None, self.scale,
+                                   dropout_p, self.fused_attn).transpose(1, 2))
             out_BLHc = torch.cat(outs, dim=1)
-        return self.proj_drop(self.proj(out_BLHc.reshape(B, L, C)))
-
-
-class FFN(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        return self.proj_drop(self.proj(rearrange(out_BLHc, "b l h c -> b l (h c)")))
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -346,7 +355,9 @@ class AdaLNSelfAttn(nn.Module):
         self.drop_path_prob = drop_path
         self.attn = SelfAttention(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop,
                                   attn_l2_norm=attn_l2_norm)
-        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
+        # The release's FFN is timm's Mlp (fc1, tanh-GELU, fc2) with dropout after fc2 only.
+        self.ffn = Mlp(embed_dim, round(embed_dim * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"),
+                       drop=(0.0, drop))
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.shared_aln = shared_aln
         if shared_aln:
@@ -720,10 +731,10 @@ class VAR(nn.Module):
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # as MaskGIT
                 h_BlCv = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=tau, dim=-1,
                                                  generator=generator) @ embedding_VC.unsqueeze(0)
-            h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            h_BCvhw = rearrange(h_BlCv, "b (h w) c -> b c h w", h=pn).contiguous()
             f_hat, next_BCvhw = quantize.get_next_autoregressive_input(si, SN, f_hat, h_BCvhw)
             if si != self.num_stages_minus_1:
-                next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2))
+                next_BlC = self.word_embed(rearrange(next_BCvhw, "b c h w -> b (h w) c"))
                 next_BlC = next_BlC + lvl_pos_1LC[:, cur_L:cur_L + self.patch_nums[si + 1] ** 2]
                 if guided:
                     next_BlC = next_BlC.repeat(2, 1, 1)

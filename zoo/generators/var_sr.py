@@ -37,6 +37,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import use_fused_attn
 from torch import nn
 
 from zoo.config import ConfigError
@@ -49,6 +51,7 @@ from zoo.generators.var import (
     VARSizes,
     _Unowned,
     apply_rope,
+    attend,
     filter_top_k_top_p,
     gumbel_softmax_with_rng,
     init_attention_scale,
@@ -187,12 +190,13 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        self.fused_attn = use_fused_attn()
 
     def memory(self, mem_BMC: torch.Tensor, rope_Mc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, M, c) of the memory, computed once per forward or per sampling run."""
         B, M, C = mem_BMC.shape
         kv = F.linear(mem_BMC, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
-        k, v = kv.view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = rearrange(kv, "b m (two h c) -> two b h m c", two=2, h=self.num_heads).unbind(0)
         if self.attn_l2_norm:
             k = F.normalize(k, dim=-1)
         return apply_rope(k, rope_Mc), v
@@ -200,14 +204,14 @@ class CrossAttention(nn.Module):
     def forward(self, x_BLC: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                 rope_Lc: torch.Tensor) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        q = F.linear(self.ln_wo_grad(x_BLC), self.mat_q.weight, self.q_bias).view(B, L, self.num_heads, -1)
-        q = q.transpose(1, 2)
+        q = rearrange(F.linear(self.ln_wo_grad(x_BLC), self.mat_q.weight, self.q_bias), "b l (h c) -> b h l c",
+                      h=self.num_heads)
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         k, v = kv
         q = apply_rope(q, rope_Lc)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=self.scale)
-        return x_BLC + self.proj(out.transpose(1, 2).reshape(B, L, C))
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), None, self.scale, 0.0, self.fused_attn)
+        return x_BLC + self.proj(rearrange(out, "b h l c -> b l (h c)"))
 
 
 #################################################################################
@@ -437,24 +441,23 @@ class VARSR(nn.Module):
         f_BChw = tokenizer.quant_conv(tokenizer.encoder(images)).float()
         idx_Bl = quantize.f_to_idxBl_or_fhat(f_BChw, to_fhat=False)
         x_BLCv_wo_first_l = quantize.idxBl_to_var_input(idx_Bl)
-        B, pn = f_BChw.shape[0], self.patch_nums[-1]
-        ms_h = [quantize.embedding(idx).transpose(1, 2).reshape(B, self.Cvae, p, p)
+        ms_h = [rearrange(quantize.embedding(idx), "b (h w) c -> b c h w", h=p).contiguous()
                 for idx, p in zip(idx_Bl[:-1], self.patch_nums)]
         f_hat_before_last = quantize.embed_to_fhat(ms_h, all_to_max_scale=True, last_one=True)
-        rest_BlCv = (f_BChw - f_hat_before_last).flatten(2).transpose(1, 2).reshape(B, pn * pn, self.Cvae)
+        rest_BlCv = rearrange(f_BChw - f_hat_before_last, "b c h w -> b (h w) c").contiguous()
         return torch.cat(idx_Bl, dim=1), x_BLCv_wo_first_l, rest_BlCv
 
     def last_scale_embedding(self, idx_Bl: torch.Tensor) -> torch.Tensor:
         """What the last scale adds to f_hat for tokens (B, pn²): Φ(e(idx)) or, with
         ``phi_last_scale: false`` (VARSR's VQVAE), e(idx); returned as (B, pn², Cvae)."""
         quantize = self.tokenizer.quantize
-        B, pn = idx_Bl.shape[0], self.patch_nums[-1]
+        pn = self.patch_nums[-1]
         e_BlCv = quantize.embedding(idx_Bl)
         if not self.config.phi_last_scale:
             return e_BlCv
         phi = quantize.phi_for_scale(self.num_stages_minus_1, len(self.patch_nums))
-        e_BCvhw = phi(e_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn))
-        return e_BCvhw.flatten(2).transpose(1, 2)
+        e_BCvhw = phi(rearrange(e_BlCv, "b (h w) c -> b c h w", h=pn).contiguous())
+        return rearrange(e_BCvhw, "b c h w -> b (h w) c")
 
     def refiner_condition(self, h_BlC: torch.Tensor, idx_Bl: torch.Tensor) -> torch.Tensor:
         """decoder_norm(h + word_embed(e(idx))): the refiner's per-token condition (B, pn², C)."""
@@ -586,7 +589,7 @@ class VARSR(nn.Module):
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
                 h_BlCv = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=tau, dim=-1,
                                                  generator=generator) @ embedding_VC.unsqueeze(0)
-            h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            h_BCvhw = rearrange(h_BlCv, "b (h w) c -> b c h w", h=pn).contiguous()
             if si == self.num_stages_minus_1:
                 if self.config.phi_last_scale:
                     f_hat, _ = quantize.get_next_autoregressive_input(si, SN, f_hat, h_BCvhw)
@@ -596,7 +599,7 @@ class VARSR(nn.Module):
                     f_hat.add_(self._refine(x_BlC, idx_Bl, guided, t, temperature, generator, sampler))
                 break
             f_hat, next_BCvhw = quantize.get_next_autoregressive_input(si, SN, f_hat, h_BCvhw)
-            next_BlC = self.word_embed(next_BCvhw.view(B, self.Cvae, -1).transpose(1, 2))
+            next_BlC = self.word_embed(rearrange(next_BCvhw, "b c h w -> b (h w) c"))
             next_BlC = next_BlC + self.lvl_embed.weight[si + 1]
             if guided:
                 next_BlC = next_BlC.repeat(2, 1, 1)
@@ -615,7 +618,7 @@ class VARSR(nn.Module):
                                          generator=generator, clip_denoised=True,
                                          sampler=sampler) * self.config.refiner_scale
         resid_BlCv = resid_NCv.reshape(-1, pn * pn, self.Cvae)[:B]
-        return resid_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+        return rearrange(resid_BlCv, "b (h w) c -> b c h w", h=pn).contiguous()
 
     def finish_images(self, images: torch.Tensor, cond) -> torch.Tensor:
         """Decoded images -> the SR result: with ``residual_gain`` the bicubic upsample of the LR plus

@@ -1,7 +1,8 @@
-"""Embedders for patches, diffusion timesteps and class labels, and adaLN modulation.
+"""Embedders for diffusion timesteps and class labels, adaLN modulation, and unpatchify.
 
-Parameter names (``proj``, ``mlp.0``, ``mlp.2``, ``embedding_table``) follow facebookresearch/DiT
-so that official checkpoints load with ``strict=True``.
+Parameter names (``mlp.0``, ``mlp.2``, ``embedding_table``) follow facebookresearch/DiT so that
+official checkpoints load with ``strict=True``; patches are embedded by timm's ``PatchEmbed``, as
+there.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
 
@@ -86,31 +88,11 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
-class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) with a stride-``patch_size`` convolution, T = (H/p)·(W/p)."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"input_size {img_size} is not divisible by patch_size {patch_size}")
-        self.img_size = (img_size, img_size)
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-
-    def forward(self, x_NCHW: torch.Tensor) -> torch.Tensor:
-        if x_NCHW.shape[-2:] != self.img_size:
-            raise ValueError(f"expected inputs of spatial size {self.img_size}, got {tuple(x_NCHW.shape[-2:])}")
-        return self.proj(x_NCHW).flatten(2).transpose(1, 2)  # (N, T, D)
-
-
 def unpatchify(x_NTP: torch.Tensor, channels: int, patch_size: int) -> torch.Tensor:
-    """(N, T, p·p·C) tokens of a square grid -> (N, C, H, W) images, inverse of :class:`PatchEmbed`."""
-    n, tokens, _ = x_NTP.shape
+    """(N, T, p·p·C) tokens of a square grid -> (N, C, H, W) images, inverse of timm's ``PatchEmbed``
+    token order (row-major patches, each patch's pixels row-major with channels last)."""
+    tokens = x_NTP.shape[1]
     side = int(round(tokens ** 0.5))
     if side * side != tokens:
         raise ValueError(f"unpatchify needs a square token grid, got {tokens} tokens")
-    x = x_NTP.reshape(n, side, side, patch_size, patch_size, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, channels, side * patch_size, side * patch_size)
+    return rearrange(x_NTP, "n (h w) (p q c) -> n c (h p) (w q)", h=side, p=patch_size, q=patch_size, c=channels)

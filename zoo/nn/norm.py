@@ -14,19 +14,20 @@ class ScaledRMSNorm(nn.Module):
     at 1e-12) and a single gain for all channels; checkpoints of that code store ``g`` of shape (1,).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
         self.scale = dim ** 0.5
-        self.g = nn.Parameter(torch.ones(1))
+        self.g = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) * self.scale * self.g
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
-    """The token norm of a transformer block: ``layernorm`` (DiT: no affine, eps 1e-6) or ``rmsnorm``."""
+def make_norm(kind: str, dim: int, **factory) -> nn.Module:
+    """The token norm of a transformer block: ``layernorm`` (DiT: no affine, eps 1e-6) or ``rmsnorm``.
+    ``factory``: ``device``/``dtype``, which timm's layers pass to their ``norm_layer``."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
     if kind == "rmsnorm":
-        return ScaledRMSNorm(dim)
+        return ScaledRMSNorm(dim, **factory)
     raise ValueError(f"unknown norm {kind!r}; choose 'layernorm' or 'rmsnorm'")

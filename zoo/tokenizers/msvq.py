@@ -27,6 +27,7 @@ import dataclasses
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from zoo.config import ConfigError
@@ -269,13 +270,13 @@ class MultiScaleQuantizer(nn.Module):
             for si, pn in enumerate(self.v_patch_nums):
                 last = si == SN - 1
                 rest_BChw = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
-                rest_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
+                rest_NC = rearrange(rest_BChw, "b c h w -> (b h w) c")
                 idx_N = self._nearest(rest_NC)
                 hits_V = idx_N.bincount(minlength=self.vocab_size).float()
                 if self.training:
                     self._record_hits(si, _sum_over_processes(hits_V))
                 hit_V += hits_V
-                h_BChw = F.embedding(idx_N.view(B, pn, pn), codebook_VC).permute(0, 3, 1, 2)
+                h_BChw = rearrange(F.embedding(idx_N.view(B, pn, pn), codebook_VC), "b h w c -> b c h w")
                 if not last:
                     h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
                 h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
@@ -354,8 +355,8 @@ class MultiScaleQuantizer(nn.Module):
         for si, (ph, pw) in enumerate(patch_hws):
             last = si == SN - 1
             rest_BChw = f_rest if last else F.interpolate(f_rest, size=(ph, pw), mode="area")
-            idx_N = self._nearest(rest_BChw.permute(0, 2, 3, 1).reshape(-1, C))
-            h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
+            idx_N = self._nearest(rearrange(rest_BChw, "b c h w -> (b h w) c"))
+            h_BChw = rearrange(self.embedding(idx_N.view(B, ph, pw)), "b h w c -> b c h w")
             if not last:
                 h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
             h_BChw = self.phi_for_scale(si, SN)(h_BChw.contiguous())
@@ -394,10 +395,10 @@ class MultiScaleQuantizer(nn.Module):
         next_scales = []
         for si in range(SN - 1):
             pn = self.v_patch_nums[si]
-            h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
+            h_BChw = rearrange(self.embedding(gt_ms_idx_Bl[si]), "b (h w) c -> b c h w", h=pn).contiguous()
             f_hat.add_(self.phi_for_scale(si, SN)(F.interpolate(h_BChw, size=(side, side), mode="bicubic")))
             pn_next = self.v_patch_nums[si + 1]
-            next_BlC = F.interpolate(f_hat, size=(pn_next, pn_next), mode="area").view(B, C, -1).transpose(1, 2)
+            next_BlC = rearrange(F.interpolate(f_hat, size=(pn_next, pn_next), mode="area"), "b c h w -> b (h w) c")
             next_scales.append(next_BlC)
         return torch.cat(next_scales, dim=1)
 
@@ -483,11 +484,10 @@ class MSVQTokenizer(Tokenizer):
 
     def idxBl_to_img(self, ms_idx_Bl: list[torch.Tensor], same_shape: bool = True, last_one: bool = True):
         """Index pyramid -> images in [-1, 1]: of the full pyramid (``last_one``) or one per prefix."""
-        B = ms_idx_Bl[0].shape[0]
         ms_h_BChw = []
         for idx_Bl in ms_idx_Bl:
             pn = round(idx_Bl.shape[1] ** 0.5)
-            ms_h_BChw.append(self.quantize.embedding(idx_Bl).transpose(1, 2).reshape(B, self.Cvae, pn, pn))
+            ms_h_BChw.append(rearrange(self.quantize.embedding(idx_Bl), "b (h w) c -> b c h w", h=pn).contiguous())
         f_hats = self.quantize.embed_to_fhat(ms_h_BChw, all_to_max_scale=same_shape, last_one=last_one)
         return self.fhat_to_img(f_hats) if last_one else [self.fhat_to_img(f) for f in f_hats]
 
