@@ -108,7 +108,7 @@ def test_a_shard_index_pointing_outside_the_directory_is_refused(tmp_path):
 
 def test_a_mismatched_tensor_is_named_before_anything_is_loaded(tmp_path):
     pipe = tiny_pipeline()
-    pipe.save_pretrained(tmp_path / "m")
+    zoo.save_pretrained(pipe, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["generator"]["hidden_size"] = 64
     config["generator"]["num_heads"] = 2
@@ -120,7 +120,7 @@ def test_a_mismatched_tensor_is_named_before_anything_is_loaded(tmp_path):
 
 def test_save_pretrained_writes_a_loadable_directory_with_a_model_card(tmp_path):
     pipe = tiny_pipeline()
-    pipe.save_pretrained(tmp_path / "m", license="mit", tags=["digits-demo"], max_shard_size=100_000)
+    zoo.save_pretrained(pipe, tmp_path / "m", license="mit", tags=["digits-demo"], max_shard_size=100_000)
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert "model.safetensors.index.json" in names and "model.safetensors" not in names
     assert len([n for n in names if n.startswith("model-0")]) >= 2
@@ -138,7 +138,7 @@ def test_save_pretrained_writes_a_loadable_directory_with_a_model_card(tmp_path)
 def test_a_tokenizer_directory_loads_as_the_tokenizer(tmp_path):
     torch.manual_seed(0)
     tokenizer = create_tokenizer("msvq", vocab_size=16, z_channels=8, ch=32, ch_mult=(1, 2), v_patch_nums=(1, 2, 4))
-    zoo.hub.save_pretrained(tokenizer, tmp_path / "tok")
+    zoo.save_pretrained(tokenizer, tmp_path / "tok")
     loaded = zoo.from_pretrained(tmp_path / "tok")
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     assert type(loaded).__name__ == "MSVQTokenizer"
@@ -151,7 +151,7 @@ def test_a_generator_directory_without_its_tokenizer_weights_is_refused(tmp_path
     pipe = tiny_pipeline()
     pipe.tokenizer = create_tokenizer("kl-vae", ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=1, embed_dim=1,
                                       image_channels=1)
-    pipe.save_pretrained(tmp_path / "m")
+    zoo.save_pretrained(pipe, tmp_path / "m")
     (tmp_path / "m" / "tokenizer.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.safetensors: missing, and the 'kl-vae' tokenizer"):
         load_model_dir(tmp_path / "m")
@@ -163,7 +163,7 @@ def test_a_generator_directory_without_its_tokenizer_weights_is_refused(tmp_path
 def test_push_pull_sample_round_trip_through_the_hub_client(hub, tmp_path):
     pipe = tiny_pipeline()
     run = fake_run_dir(tmp_path / "run", pipe)
-    url = zoo.hub.push_to_hub(str(run), "org/tiny-dit", private=True, commit_message="first")
+    url = zoo.push_to_hub(str(run), "org/tiny-dit", private=True, commit_message="first")
     files = hub.files("org/tiny-dit")
     # no raw weights, checkpoints, logs or grids (and a pixel tokenizer has no weights)
     assert sorted(files) == ["README.md", "config.json", "model.safetensors", "recipe.yaml", "reconstructions.json"]
@@ -184,7 +184,7 @@ def test_offline_mode_is_served_from_the_cache(hub, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
     pipe = tiny_pipeline()
-    pipe.push_to_hub("org/cached")
+    zoo.push_to_hub(pipe, "org/cached")
     expected = images(zoo.from_pretrained("org/cached"))  # fills the cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -195,7 +195,7 @@ def test_offline_mode_is_served_from_the_cache(hub, tmp_path, monkeypatch):
                                                 "not be fetched"):
         zoo.from_pretrained("org/never-pulled")
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set"):
-        pipe.push_to_hub("org/cached")
+        zoo.push_to_hub(pipe, "org/cached")
 
 
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # inside huggingface_hub's LFS PUT
@@ -206,7 +206,7 @@ def test_safetensors_go_through_the_git_lfs_upload_when_the_hub_asks_for_it(tmp_
         point_client_at(server, tmp_path / "hf_home", monkeypatch, token=TOKEN)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the LFS basic transfer, not Xet
         pipe = tiny_pipeline()
-        pipe.push_to_hub("org/lfs", max_shard_size=100_000)
+        zoo.push_to_hub(pipe, "org/lfs", max_shard_size=100_000)
         assert server.lfs_paths and all(path.endswith(".safetensors") for _, path in server.lfs_paths)
         assert any(method == "PUT" for method, _ in server.requests)
         assert torch.equal(images(zoo.from_pretrained("org/lfs")), images(pipe))
@@ -214,8 +214,8 @@ def test_safetensors_go_through_the_git_lfs_upload_when_the_hub_asks_for_it(tmp_
 
 def test_a_push_to_a_branch_leaves_main_and_is_pulled_by_revision(hub, tmp_path):
     first, second = tiny_pipeline(0), tiny_pipeline(1)
-    first.push_to_hub("org/branches")
-    second.push_to_hub("org/branches", revision="v2", commit_message="second weights", max_shard_size=100_000)
+    zoo.push_to_hub(first, "org/branches")
+    zoo.push_to_hub(second, "org/branches", revision="v2", commit_message="second weights", max_shard_size=100_000)
     assert "model.safetensors" in hub.files("org/branches", "main")
     assert "model.safetensors.index.json" in hub.files("org/branches", "v2")
     assert "model.safetensors" not in hub.files("org/branches", "v2")  # no stale single file beside the shards
@@ -226,7 +226,7 @@ def test_a_push_to_a_branch_leaves_main_and_is_pulled_by_revision(hub, tmp_path)
 
 
 def test_a_private_repo_is_not_served_without_the_token(hub, tmp_path, monkeypatch):
-    tiny_pipeline().push_to_hub("org/secret", private=True)
+    zoo.push_to_hub(tiny_pipeline(), "org/secret", private=True)
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(FileNotFoundError, match="org/secret: not a local directory"):
         zoo.from_pretrained("org/secret")
@@ -270,7 +270,7 @@ def test_a_tokenizer_run_is_pushed_resharded_and_comes_back_as_the_tokenizer(hub
     run = tmp_path / "tok_run"
     save_model_dir(run, {"tokenizer": {"name": "msvq", **config_to_dict(tokenizer.config)}}, None,
                    tokenizer_state=tokenizer.state_dict(), tokenizer_raw_state=tokenizer.state_dict())
-    zoo.hub.push_to_hub(str(run), "org/msvq", max_shard_size=200_000)
+    zoo.push_to_hub(str(run), "org/msvq", max_shard_size=200_000)
     files = hub.files("org/msvq")
     assert "tokenizer.safetensors.index.json" in files and "tokenizer_raw.safetensors" not in files
     assert "model.safetensors" not in files and len([f for f in files if f.startswith("tokenizer-0")]) >= 2
@@ -289,9 +289,9 @@ def reconstruct(tokenizer, x: torch.Tensor) -> torch.Tensor:
 
 def test_a_loaded_tokenizer_saves_itself_and_loads_back_the_same(tmp_path):
     tokenizer = tiny_msvq()
-    zoo.hub.save_pretrained(tokenizer, tmp_path / "tok")
+    zoo.save_pretrained(tokenizer, tmp_path / "tok")
     loaded = zoo.from_pretrained(tmp_path / "tok")
-    assert loaded.save_pretrained(tmp_path / "again", license="mit", tags=["mine"]) == tmp_path / "again"
+    assert zoo.save_pretrained(loaded, tmp_path / "again", license="mit", tags=["mine"]) == tmp_path / "again"
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["README.md", "config.json",
                                                                       "tokenizer.safetensors"]
     front = yaml.safe_load((tmp_path / "again" / "README.md").read_text().split("---")[1])
@@ -304,9 +304,9 @@ def test_a_loaded_tokenizer_saves_itself_and_loads_back_the_same(tmp_path):
 
 def test_a_loaded_tokenizer_pushes_itself_to_the_hub_and_pulls_back_the_same_weights(hub, tmp_path):
     tokenizer = tiny_msvq()
-    zoo.hub.save_pretrained(tokenizer, tmp_path / "tok")
+    zoo.save_pretrained(tokenizer, tmp_path / "tok")
     loaded = zoo.from_pretrained(tmp_path / "tok")
-    url = loaded.push_to_hub("org/tok", private=True, revision="v1", commit_message="tokenizer v1",
+    url = zoo.push_to_hub(loaded, "org/tok", private=True, revision="v1", commit_message="tokenizer v1",
                              max_shard_size=200_000)
     assert url.startswith(f"{hub.url}/org/tok/commit/") and hub.repos["org/tok"].private
     repo = hub.repos["org/tok"]
@@ -339,20 +339,20 @@ def test_zoo_sample_takes_a_hub_repo_id_and_revision_and_a_local_path_wins(hub, 
     from zoo.cli.sample import main as sample
 
     first, second = tiny_pipeline(0), tiny_pipeline(1)
-    first.push_to_hub("org/sampled")
-    second.push_to_hub("org/sampled", revision="v2")
+    zoo.push_to_hub(first, "org/sampled")
+    zoo.push_to_hub(second, "org/sampled", revision="v2")
     monkeypatch.chdir(tmp_path)
     assert sample(["org/sampled", "--num", "2", "--out", "grid.png", "--device", "cpu"]) == 0
     assert (tmp_path / "grid.png").is_file()
     assert "wrote 2 samples to grid.png" in capsys.readouterr().out
     from_hub = cli_samples(tmp_path, "org/sampled")
     from_hub_v2 = cli_samples(tmp_path, "org/sampled", "--revision", "v2")
-    assert np.array_equal(from_hub, cli_samples(tmp_path, str(first.save_pretrained(tmp_path / "first"))))
-    assert np.array_equal(from_hub_v2, cli_samples(tmp_path, str(second.save_pretrained(tmp_path / "second"))))
+    assert np.array_equal(from_hub, cli_samples(tmp_path, str(zoo.save_pretrained(first, tmp_path / "first"))))
+    assert np.array_equal(from_hub_v2, cli_samples(tmp_path, str(zoo.save_pretrained(second, tmp_path / "second"))))
     assert not np.array_equal(from_hub, from_hub_v2)
 
     # A directory spelled like the repo id, relative to the working directory, is used instead of the Hub.
-    second.save_pretrained(tmp_path / "org" / "sampled")
+    zoo.save_pretrained(second, tmp_path / "org" / "sampled")
     asked = len(hub.requests)
     assert np.array_equal(cli_samples(tmp_path, "org/sampled"), from_hub_v2)
     assert len(hub.requests) == asked
@@ -374,7 +374,7 @@ def test_zoo_sample_of_a_hub_repo_is_served_from_the_cache_offline(hub, tmp_path
 
     from zoo.cli.sample import main as sample
 
-    tiny_pipeline().push_to_hub("org/offline")
+    zoo.push_to_hub(tiny_pipeline(), "org/offline")
     online = cli_samples(tmp_path, "org/offline")  # fills the cache
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -398,7 +398,7 @@ def test_zoo_reconstruct_and_zoo_sample_take_a_hub_repo_holding_a_tokenizer(hub,
                    tokenizer_state=tokenizer.state_dict())
     (run / "recipe.yaml").write_text(yaml.safe_dump({"tokenizer": {"name": "msvq", **config_to_dict(tokenizer.config)},
                                                      "data": {"name": "digits", "image_size": 8}}))
-    zoo.hub.push_to_hub(str(run), "org/tok-run")
+    zoo.push_to_hub(str(run), "org/tok-run")
     capsys.readouterr()
     assert reconstruct(["org/tok-run", "--num", "4", "--device", "cpu"]) == 2
     assert "org/tok-run is a Hub repo; give --out PATH.png" in capsys.readouterr().err

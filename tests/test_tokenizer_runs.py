@@ -236,10 +236,16 @@ def test_a_hub_repo_id_that_cannot_be_fetched_offline_is_a_clear_error(tmp_path,
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from zoo.config import ConfigError
+    from zoo.hub.model_dir import read_hub_config
+
     raw = copy.deepcopy(VAR_RECIPE)
     raw["tokenizer"] = {"from": "some-org/no-such-tokenizer"}
-    with pytest.raises(FileNotFoundError, match="some-org/no-such-tokenizer: not a local directory, and the Hub "
-                                                "repo could not be fetched"):
+    with pytest.raises(ConfigError, match="tokenizer.from: some-org/no-such-tokenizer: not a local directory, and "
+                                          "the Hub repo could not be fetched"):
+        recipe_from_dict(copy.deepcopy(raw), source=str(tmp_path / "v.yaml"), fetch_config=read_hub_config)
+    # The recipe layer itself knows nothing of the Hub: without a fetcher it says what to pass.
+    with pytest.raises(ConfigError, match="is a Hub repo id, and this recipe was loaded without a way to fetch"):
         recipe_from_dict(raw, source=str(tmp_path / "v.yaml"))
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zoo.optim import lr_at, param_groups
 from zoo.recipe import load_recipe
 from zoo.train import Trainer
 from zoo.train.checkpoint import latest_checkpoint
 from zoo.train.data import StepBatchSampler
-from zoo.train.optim import lr_at, param_groups
 
 
 def losses(run_dir):
@@ -153,8 +153,8 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(tiny_recipe_file, tmp_
 
 
 def test_var_follows_its_release_weight_decay_list():
+    from zoo.optim import param_groups
     from zoo.registry import create_model
-    from zoo.train.optim import param_groups
 
     model = create_model("var-d2", embed_dim=32, num_heads=2, num_classes=10, patch_nums=(1, 2), vocab_size=16,
                          Cvae=4)

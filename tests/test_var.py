@@ -366,7 +366,7 @@ RECIPE = {
 @pytest.mark.parametrize("section, key, value, message", [
     ("model", "vocab_size", 32, "disagrees with tokenizer.vocab_size"),
     ("model", "patch_nums", [1, 2, 3], "disagrees with tokenizer.v_patch_nums"),
-    ("model", "num_classes", 7, "the dataset has 10 classes"),
+    ("model", "num_classes", 7, "dataset 'digits' has 10 classes; set model.num_classes=10"),
     ("data", "image_size", 16, "must equal data.image_size"),
 ])
 def test_recipes_whose_tokenizer_or_data_disagree_are_refused(section, key, value, message):

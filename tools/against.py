@@ -213,7 +213,7 @@ def _train_step(model: torch.nn.Module, loss_fn, optimizer, bf16: bool, device: 
 
 def run(args, recipe, generator) -> list[dict]:
     """Time the variants (``args.variants``) of ``args.what`` (train, sample); print and return rows."""
-    from zoo.train.optim import make_optimizer
+    from zoo.optim import make_optimizer
 
     device = args.device
     cuda = device.startswith("cuda")

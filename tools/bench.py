@@ -58,7 +58,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def measure(args) -> dict:
-    from zoo.train.optim import make_optimizer
+    from zoo.optim import make_optimizer
 
     torch.manual_seed(0)
     recipe, generator = build(args.recipe, args.overrides)
@@ -206,7 +206,7 @@ def measure_sr(args) -> dict:
     ``sample`` times ``zoo.upscale.SRModel.upscale`` (what zoo-upscale runs: tiles, blending and the
     self-ensemble) on a random ``--sr-side``-pixel LR image with the recipe's sampling settings and
     reports seconds per megapixel of output."""
-    from zoo.train.optim import make_optimizer
+    from zoo.optim import make_optimizer
 
     recipe, generator = build(args.recipe, args.overrides)
     device = args.device

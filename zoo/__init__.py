@@ -11,8 +11,7 @@ from zoo.registry import (
     register_objective,
     register_tokenizer,
 )
-
-__version__ = "0.1.0"
+from zoo.version import __version__
 
 
 def from_pretrained(path_or_repo_id, *, revision=None, weights="ema", device="cpu"):
@@ -23,6 +22,22 @@ def from_pretrained(path_or_repo_id, *, revision=None, weights="ema", device="cp
     return load(path_or_repo_id, revision=revision, weights=weights, device=device)
 
 
+def save_pretrained(model, path, **options):
+    """Write a Pipeline or a tokenizer as a model directory (config.json, safetensors, README.md);
+    ``options`` as :func:`zoo.hub.api.save_pretrained` (``max_shard_size``, ``license``, ``tags`` …)."""
+    from zoo.hub.api import save_pretrained as save
+
+    return save(model, path, **options)
+
+
+def push_to_hub(model, repo_id, **options):
+    """Upload a Pipeline, a tokenizer or a model/run directory to the Hub repo ``repo_id``; returns the
+    commit URL; ``options`` as :func:`zoo.hub.api.push_to_hub` (``private``, ``revision`` …)."""
+    from zoo.hub.api import push_to_hub as push
+
+    return push(model, repo_id, **options)
+
+
 __all__ = [
     "__version__",
     "create_dataset",
@@ -31,8 +46,10 @@ __all__ = [
     "create_tokenizer",
     "from_pretrained",
     "list_models",
+    "push_to_hub",
     "register_dataset",
     "register_generator",
     "register_objective",
     "register_tokenizer",
+    "save_pretrained",
 ]

@@ -125,3 +125,22 @@ def load_state_strict(module, state: dict, source: str) -> None:
             raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                               f"the config needs {tuple(tensor.shape)}")
     module.load_state_dict(state, strict=True)
+
+
+CONFIG_NAME = "config.json"  # a model directory's description (zoo.hub.model_dir has the whole format)
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of the model (or run) directory ``path``; a missing or broken file is a
+    ConfigError/FileNotFoundError naming it."""
+    from zoo.config import ConfigError
+
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no {CONFIG_NAME}); pass a run directory "
+                                f"written by zoo-train or a model directory")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{config_file}: not valid JSON: {err}") from None

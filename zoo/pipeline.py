@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 
 import torch
 
@@ -41,7 +40,8 @@ class Pipeline:
     """What ``zoo-sample`` and the trainer's sample grids use; family-agnostic.
 
     ``config`` is the ``config.json`` content it was loaded from (None for one built in code; then
-    :meth:`save_pretrained` describes it from the registry).
+    ``zoo.save_pretrained`` describes it from the registry). A pipeline knows nothing of files or the
+    Hub: ``zoo.from_pretrained``, ``zoo.save_pretrained`` and ``zoo.push_to_hub`` (:mod:`zoo.hub`) move it.
     """
 
     def __init__(self, generator, tokenizer, sample_config, *, num_classes: int | None, image_size: int | None,
@@ -52,35 +52,6 @@ class Pipeline:
         self.num_classes = num_classes
         self.image_size = image_size
         self.config = config
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, *, revision: str | None = None, weights: str = "ema",
-                        device="cpu") -> Pipeline:
-        """A model directory, run directory or Hub repo id (``org/name``) as a ready pipeline; see
-        :func:`zoo.hub.from_pretrained`."""
-        from zoo.hub.api import from_pretrained
-
-        pipe = from_pretrained(path_or_repo_id, revision=revision, weights=weights, device=device)
-        if not isinstance(pipe, cls):
-            raise ValueError(f"{path_or_repo_id}: holds a tokenizer, not a generator; use zoo.from_pretrained")
-        return pipe
-
-    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB", **card) -> Path:
-        """Write a model directory (config.json, model.safetensors, tokenizer.safetensors, README.md);
-        ``card`` keywords go to :func:`zoo.hub.card.model_card` (license, tags, metrics, ...).
-        Returns the directory."""
-        from zoo.hub.api import save_pretrained
-
-        return save_pretrained(self, path, max_shard_size=max_shard_size, **card)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                    commit_message: str | None = None, token: str | None = None, **card) -> str:
-        """Upload as a model directory to the Hub repo ``repo_id`` (created if needed); returns the
-        commit URL. See :func:`zoo.hub.push_to_hub`."""
-        from zoo.hub.api import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           token=token, **card)
 
     def sampling_options(self) -> set[str]:
         """Keyword options the generator's ``sample`` accepts."""

@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from zoo.config import ConfigError, build_config, config_to_dict, suggest
+from zoo.fit import Fit, FitError
+from zoo.io import read_model_config
 from zoo.registry import Entry, get_entry
 
 COMPONENT_SECTIONS = {"model": "generator", "tokenizer": "tokenizer", "objective": "objective", "data": "dataset"}
@@ -269,8 +272,15 @@ def _section(raw: dict[str, Any], section: str, source: str) -> dict[str, Any]:
     return values
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, _seen: tuple[str, ...] = ()) -> Recipe:
-    """Validate a recipe mapping and resolve every section to its typed config."""
+FetchConfig = Callable[[str], dict[str, Any]]  # Hub repo id -> its config.json (zoo.hub.read_hub_config)
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, fetch_config: FetchConfig | None = None,
+                     _seen: tuple[str, ...] = ()) -> Recipe:
+    """Validate a recipe mapping and resolve every section to its typed config.
+
+    ``fetch_config`` reads the ``config.json`` of a Hub repo named by ``tokenizer.from`` (this layer
+    knows nothing of the Hub; ``zoo-train`` passes :func:`zoo.hub.read_hub_config`)."""
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"{source}: {section}: unknown section{suggest(section, SECTIONS)} "
@@ -288,7 +298,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, _seen: tu
         if extra:
             raise ConfigError(f"{source}: tokenizer: with 'from' the tokenizer's name and fields come from "
                               f"{tokenizer_values['from']!r}; remove {extra}")
-        tokenizer_source, tokenizer_values = resolve_tokenizer_source(str(tokenizer_values["from"]), source, _seen)
+        tokenizer_source, tokenizer_values = resolve_tokenizer_source(str(tokenizer_values["from"]), source, _seen,
+                                                                      fetch_config)
     tokenizer = _component("tokenizer", "tokenizer", _section({"tokenizer": tokenizer_values}, "tokenizer", source),
                            source)
     objective = None
@@ -312,7 +323,8 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", *, _seen: tu
     return recipe
 
 
-def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = ()):
+def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = (),
+                             fetch_config: FetchConfig | None = None):
     """``tokenizer.from`` -> (TokenizerSource, the tokenizer section ``{name, fields}``) without building it."""
     where = f"{source}: tokenizer.from"
     candidates = [Path(ref)] if Path(ref).is_absolute() else [Path(source).parent / ref, Path(ref)]
@@ -324,23 +336,26 @@ def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = ()):
         key = str(local.resolve())
         if key in seen:
             raise ConfigError(f"{where}: {ref!r} refers back to itself")
-        sub = recipe_from_dict(read_yaml(local), source=str(local), _seen=(*seen, key))
+        sub = recipe_from_dict(read_yaml(local), source=str(local), fetch_config=fetch_config, _seen=(*seen, key))
         if not sub.trains_tokenizer:
             raise ConfigError(f"{where}: {local} is a generator recipe; 'from' takes a tokenizer recipe (one "
                               f"without a model section), a model directory or a Hub repo id")
         return TokenizerSource(ref, "recipe", str(local), sub), sub.tokenizer.to_dict()
     if local is not None:
-        from zoo.hub.model_dir import read_model_config
-
         if not local.is_dir():
             raise ConfigError(f"{where}: {local} is a file; give a tokenizer recipe (.yaml) or a model directory")
         config = read_model_config(local)
         kind = "model_dir"
         path = str(local)
     elif ref.count("/") == 1 and not ref.startswith((".", "/")):
-        from zoo.hub.model_dir import read_hub_config
-
-        config = read_hub_config(ref, where=where)
+        if fetch_config is None:
+            raise ConfigError(f"{where}: {ref!r} is a Hub repo id, and this recipe was loaded without a way to "
+                              f"fetch its config.json: load it with fetch_config=zoo.hub.read_hub_config (as "
+                              f"zoo-train does)")
+        try:
+            config = fetch_config(ref)
+        except (ConfigError, FileNotFoundError) as err:
+            raise ConfigError(f"{where}: {err}") from None
         kind = "hub"
         path = ref
     else:
@@ -352,13 +367,15 @@ def resolve_tokenizer_source(ref: str, source: str, seen: tuple[str, ...] = ()):
     return TokenizerSource(ref, kind, path), section
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *,
+                fetch_config: FetchConfig | None = None) -> Recipe:
     """Read, override and validate the recipe at ``path``; raises :class:`ConfigError`. An error in a
-    value set by an override says so (the key is not in the file)."""
+    value set by an override says so (the key is not in the file). ``fetch_config``: see
+    :func:`recipe_from_dict`."""
     overrides = list(overrides or [])
     raw = apply_overrides(read_yaml(path), overrides)
     try:
-        return recipe_from_dict(raw, source=str(path))
+        return recipe_from_dict(raw, source=str(path), fetch_config=fetch_config)
     except ConfigError as err:
         culprit = next((o for o in overrides if f": {o.split('=', 1)[0].strip()}" in str(err)), None)
         if culprit is None:
@@ -367,7 +384,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def validate_combination(recipe: Recipe) -> None:
-    """Check that the chosen components fit together (generic rules, then the generator's own)."""
+    """Check that the chosen components fit together: generic rules, then the generator's own
+    ``check_fit(config, fit)`` on a plain description of the rest (:class:`zoo.fit.Fit`)."""
     if recipe.model is None:
         tokenizer_cls = recipe.tokenizer.entry.builder
         if not getattr(tokenizer_cls, "trainable", False):
@@ -377,9 +395,6 @@ def validate_combination(recipe: Recipe) -> None:
         if "channels" in data and tok.get("image_channels") not in (None, data["channels"]):
             raise ConfigError(f"{recipe.where('tokenizer.image_channels')}: {tok['image_channels']}, but the "
                               f"dataset gives {data['channels']}-channel images")
-        check = getattr(tokenizer_cls, "validate_recipe", None)
-        if check is not None:
-            check(recipe)
         return
     generator_cls = recipe.model.entry.builder
     objectives = getattr(generator_cls, "OBJECTIVES", None)
@@ -396,9 +411,24 @@ def validate_combination(recipe: Recipe) -> None:
     if samplers and takes_sampler and recipe.sample.sampler not in samplers:
         raise ConfigError(f"{recipe.where('sample.sampler')}: {recipe.sample.sampler!r} does not work with objective "
                           f"{recipe.objective.name!r}; allowed: {', '.join(samplers)}")
-    check = getattr(generator_cls, "validate_recipe", None)
+    check = getattr(generator_cls, "check_fit", None)
     if check is not None:
-        check(recipe)
+        try:
+            check(recipe.model.config, describe_fit(recipe))
+        except FitError as err:
+            raise ConfigError(f"{recipe.where(err.key)}: {err.message}") from None
+
+
+def describe_fit(recipe: Recipe) -> Fit:
+    """What the generator of ``recipe`` must fit, as plain values (nothing is built or loaded)."""
+    objective = recipe.objective
+    return Fit(tokenizer_name=recipe.tokenizer.name, tokenizer=tokenizer_info(recipe),
+               tokenizer_config=recipe.tokenizer.config, data_name=recipe.data.name, data=data_info(recipe),
+               objective_name=objective.name if objective else None,
+               objective_config=objective.config if objective else None,
+               objective_predicts_variance=getattr(objective.entry.builder, "predicts_variance", None)
+               if objective else None,
+               cache_tokens=recipe.train.cache_tokens)
 
 
 def data_info(recipe: Recipe) -> dict[str, Any]:
@@ -410,30 +440,3 @@ def data_info(recipe: Recipe) -> dict[str, Any]:
 def tokenizer_info(recipe: Recipe) -> dict[str, Any]:
     """latent_channels and downsample of the tokenizer section, without building it."""
     return recipe.tokenizer.entry.builder.describe(recipe.tokenizer.config)
-
-
-def check_latent_fit(recipe: Recipe, channels_key: str, size_key: str, classes_key: str = "num_classes") -> None:
-    """Generic check for latent generators: model channels/size/classes agree with tokenizer and data."""
-    model = recipe.model.config
-    tok = tokenizer_info(recipe)
-    data = data_info(recipe)
-    if "channels" in data and tok.get("image_channels") not in (None, data["channels"]):
-        raise ConfigError(f"{recipe.where('tokenizer')}: takes {tok['image_channels']}-channel images but the "
-                          f"dataset gives {data['channels']}-channel images; set tokenizer.channels={data['channels']}")
-    if getattr(model, channels_key) != tok["latent_channels"]:
-        raise ConfigError(f"{recipe.where('model.' + channels_key)}: {getattr(model, channels_key)} does not match "
-                          f"the {tok['latent_channels']} latent channels of tokenizer {recipe.tokenizer.name!r}; "
-                          f"set model.{channels_key}={tok['latent_channels']}")
-    if "image_size" in data:
-        if data["image_size"] % tok["downsample"]:
-            raise ConfigError(f"{recipe.where('data.image_size')}: {data['image_size']} is not divisible by the "
-                              f"tokenizer's stride {tok['downsample']}")
-        side = data["image_size"] // tok["downsample"]
-        if getattr(model, size_key) != side:
-            raise ConfigError(f"{recipe.where('model.' + size_key)}: {getattr(model, size_key)} does not match the "
-                              f"latent side {side} (data.image_size {data['image_size']} / tokenizer stride "
-                              f"{tok['downsample']}); set model.{size_key}={side}")
-    if data.get("num_classes") is not None and getattr(model, classes_key) != data["num_classes"]:
-        raise ConfigError(f"{recipe.where('model.' + classes_key)}: {getattr(model, classes_key)} but dataset "
-                          f"{recipe.data.name!r} has {data['num_classes']} classes; set "
-                          f"model.{classes_key}={data['num_classes']}")

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.resume and not args.run_dir:
             build_parser().error("--resume needs --run-dir (the run to continue)")
-        recipe = load_recipe(args.recipe, args.overrides)
+        from zoo.hub.model_dir import read_hub_config
+
+        recipe = load_recipe(args.recipe, args.overrides, fetch_config=read_hub_config)
         if args.dry_run:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0

@@ -218,8 +218,8 @@ def training_speed(pipe, *, image_shape: tuple[int, int, int], num_classes: int 
 
     Trains ``pipe.generator`` in place: measure it last, or on a copy.
     """
+    from zoo.optim import make_optimizer
     from zoo.recipe import TrainConfig
-    from zoo.train.optim import make_optimizer
 
     cfg = train_config if train_config is not None else TrainConfig()
     batch = int(batch_size or cfg.batch_size)

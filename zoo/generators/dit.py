@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from zoo.config import ConfigError
+from zoo.fit import Fit, FitError, check_latent_fit
 from zoo.nn import (
     Attention,
     LabelEmbedder,
@@ -241,19 +242,16 @@ class DiT(nn.Module):
     # ----------------------------------------------------------------- zoo generator interface
 
     @classmethod
-    def validate_recipe(cls, recipe) -> None:
-        """Refuse recipes whose tokenizer, data or objective do not fit this DiT's config."""
-        from zoo.recipe import check_latent_fit
-
-        check_latent_fit(recipe, channels_key="in_channels", size_key="input_size")
-        objective = recipe.objective.config
-        predicts_variance = getattr(recipe.objective.entry.builder, "predicts_variance", None)
-        if predicts_variance is False and recipe.model.config.learn_sigma:
-            raise ConfigError(f"{recipe.where('model.learn_sigma')}: the {recipe.objective.name!r} objective "
-                              f"predicts no variance; set model.learn_sigma=false")
-        if hasattr(objective, "learn_sigma") and objective.learn_sigma != recipe.model.config.learn_sigma:
-            raise ConfigError(f"{recipe.where('objective.learn_sigma')}: {objective.learn_sigma} disagrees with "
-                              f"model.learn_sigma={recipe.model.config.learn_sigma}; set both the same")
+    def check_fit(cls, config: DiTConfig, fit: Fit) -> None:
+        """Refuse a tokenizer, data or objective that does not fit this DiT's config (:mod:`zoo.fit`)."""
+        check_latent_fit(config, fit, channels_key="in_channels", size_key="input_size")
+        if fit.objective_predicts_variance is False and config.learn_sigma:
+            raise FitError("model.learn_sigma", f"the {fit.objective_name!r} objective predicts no variance; set "
+                                                f"model.learn_sigma=false")
+        objective_sigma = getattr(fit.objective_config, "learn_sigma", None)
+        if objective_sigma is not None and objective_sigma != config.learn_sigma:
+            raise FitError("objective.learn_sigma", f"{objective_sigma} disagrees with model.learn_sigma="
+                                                    f"{config.learn_sigma}; set both the same")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

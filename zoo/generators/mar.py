@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from zoo.config import ConfigError
+from zoo.fit import Fit, FitError, check_classes, check_image_channels
 from zoo.nn.diffloss import DiffLoss, default_head_objective
 from zoo.registry import register_generator
 
@@ -442,35 +443,27 @@ class MAR(nn.Module):
     # ----------------------------------------------------------------- recipes
 
     @classmethod
-    def validate_recipe(cls, recipe) -> None:
-        """Refuse recipes whose tokenizer, data or objective do not fit this MAR's config."""
-        from zoo.recipe import data_info, tokenizer_info
-
-        model, tok, data = recipe.model.config, tokenizer_info(recipe), data_info(recipe)
-        if tok["latent_channels"] != model.vae_embed_dim:
-            raise ConfigError(f"{recipe.where('model.vae_embed_dim')}: {model.vae_embed_dim} does not match the "
-                              f"{tok['latent_channels']} latent channels of tokenizer {recipe.tokenizer.name!r}; "
-                              f"set model.vae_embed_dim={tok['latent_channels']}")
-        if tok["downsample"] != model.vae_stride:
-            raise ConfigError(f"{recipe.where('model.vae_stride')}: {model.vae_stride} does not match the stride "
-                              f"{tok['downsample']} of tokenizer {recipe.tokenizer.name!r}; "
-                              f"set model.vae_stride={tok['downsample']}")
-        if "channels" in data and tok.get("image_channels") not in (None, data["channels"]):
-            raise ConfigError(f"{recipe.where('tokenizer')}: takes {tok['image_channels']}-channel images but the "
-                              f"dataset gives {data['channels']}-channel images")
-        if data.get("image_size") is not None and data["image_size"] != model.img_size:
-            raise ConfigError(f"{recipe.where('model.img_size')}: {model.img_size}, but data.image_size is "
-                              f"{data['image_size']}; set model.img_size={data['image_size']}")
-        if data.get("num_classes") is not None and data["num_classes"] != model.class_num:
-            raise ConfigError(f"{recipe.where('model.class_num')}: {model.class_num}, but dataset "
-                              f"{recipe.data.name!r} has {data['num_classes']} classes; "
-                              f"set model.class_num={data['num_classes']}")
-        objective = recipe.objective.config
-        if getattr(objective, "noise_schedule", "cosine") != "cosine":
-            raise ConfigError(f"{recipe.where('objective.noise_schedule')}: {objective.noise_schedule!r}; MAR's "
-                              f"diffusion head is trained with the cosine schedule: set objective.noise_schedule: "
-                              f"cosine (and objective.learn_sigma: true for the release's head)")
-
+    def check_fit(cls, config: MARConfig, fit: Fit) -> None:
+        """Refuse a tokenizer, data or objective that does not fit this MAR's config (:mod:`zoo.fit`)."""
+        tok, data = fit.tokenizer, fit.data
+        if tok["latent_channels"] != config.vae_embed_dim:
+            raise FitError("model.vae_embed_dim", f"{config.vae_embed_dim} does not match the {tok['latent_channels']} "
+                                                  f"latent channels of tokenizer {fit.tokenizer_name!r}; set "
+                                                  f"model.vae_embed_dim={tok['latent_channels']}")
+        if tok["downsample"] != config.vae_stride:
+            raise FitError("model.vae_stride", f"{config.vae_stride} does not match the stride {tok['downsample']} of "
+                                               f"tokenizer {fit.tokenizer_name!r}; set model.vae_stride="
+                                               f"{tok['downsample']}")
+        check_image_channels(fit)
+        if data.get("image_size") is not None and data["image_size"] != config.img_size:
+            raise FitError("model.img_size", f"{config.img_size}, but data.image_size is {data['image_size']}; set "
+                                             f"model.img_size={data['image_size']}")
+        check_classes(config, fit, "class_num")
+        if getattr(fit.objective_config, "noise_schedule", "cosine") != "cosine":
+            raise FitError("objective.noise_schedule", f"{fit.objective_config.noise_schedule!r}; MAR's diffusion head "
+                                                       f"is trained with the cosine schedule: set "
+                                                       f"objective.noise_schedule: cosine (and objective.learn_sigma: "
+                                                       f"true for the release's head)")
 
 def read_official_state_dict(source, *, ema: bool = True) -> dict[str, torch.Tensor]:
     """MAR weights under the official names from a ``.pth``/``.safetensors`` path or a loaded dict.

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from zoo.fit import Fit, check_latent_fit
 from zoo.generators.dit import (
     DIT_SIZES,
     DiTBlock,
@@ -88,10 +89,8 @@ class MFDiT(nn.Module):
         return (self.in_channels, self.config.input_size, self.config.input_size)
 
     @classmethod
-    def validate_recipe(cls, recipe) -> None:
-        from zoo.recipe import check_latent_fit
-
-        check_latent_fit(recipe, channels_key="in_channels", size_key="input_size")
+    def check_fit(cls, config: MFDiTConfig, fit: Fit) -> None:
+        check_latent_fit(config, fit, channels_key="in_channels", size_key="input_size")
 
     def null_labels(self, cond: torch.Tensor) -> torch.Tensor:
         return torch.full_like(cond, self.num_classes)

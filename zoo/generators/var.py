@@ -28,6 +28,7 @@ from timm.layers import Mlp, use_fused_attn
 from torch import nn
 
 from zoo.config import ConfigError
+from zoo.fit import Fit, check_classes, check_token_pyramid
 from zoo.nn.checkpointing import call_block
 from zoo.registry import register_generator
 
@@ -767,29 +768,10 @@ class VAR(nn.Module):
     # ----------------------------------------------------------------- recipes
 
     @classmethod
-    def validate_recipe(cls, recipe) -> None:
-        """Refuse recipes whose tokenizer or dataset disagrees with the model's pyramid or classes."""
-        from zoo.recipe import data_info, tokenizer_info
-
-        model, tok = recipe.model.config, recipe.tokenizer.config
-        if hasattr(tok, "v_patch_nums"):
-            for tok_key, model_key, tok_value, model_value in (
-                    ("v_patch_nums", "patch_nums", tuple(tok.v_patch_nums), tuple(model.patch_nums)),
-                    ("vocab_size", "vocab_size", tok.vocab_size, model.vocab_size),
-                    ("z_channels", "Cvae", tok.z_channels, model.Cvae)):
-                if tok_value != model_value:
-                    raise ConfigError(f"{recipe.where(f'model.{model_key}')}: {model_value} disagrees with "
-                                      f"tokenizer.{tok_key}={tok_value}; set both the same")
-        data = data_info(recipe)
-        if data.get("num_classes") is not None and data["num_classes"] != model.num_classes:
-            raise ConfigError(f"{recipe.where('model.num_classes')}: {model.num_classes}, but the dataset has "
-                              f"{data['num_classes']} classes")
-        downsample = tokenizer_info(recipe).get("downsample")
-        size = data.get("image_size")
-        if size is not None and downsample and size != model.patch_nums[-1] * downsample:
-            raise ConfigError(f"{recipe.where('model.patch_nums')}: the last scale ({model.patch_nums[-1]}) times "
-                              f"the tokenizer's stride ({downsample}) must equal data.image_size ({size})")
-
+    def check_fit(cls, config: VARConfig, fit: Fit) -> None:
+        """Refuse a tokenizer or dataset that disagrees with the model's pyramid or classes (:mod:`zoo.fit`)."""
+        check_token_pyramid(config, fit)
+        check_classes(config, fit)
 
 #################################################################################
 #                                   VAR Configs                                 #

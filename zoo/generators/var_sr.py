@@ -43,6 +43,7 @@ from torch import nn
 
 from zoo.config import ConfigError
 from zoo.data.photos import bicubic_upsample, compose_residual
+from zoo.fit import Fit, FitError, check_token_pyramid
 from zoo.generators.var import (
     AdaLNBeforeHead,
     AdaLNSelfAttn,
@@ -631,43 +632,25 @@ class VARSR(nn.Module):
     # ----------------------------------------------------------------- recipes
 
     @classmethod
-    def validate_recipe(cls, recipe) -> None:
-        from zoo.recipe import data_info, tokenizer_info
-
-        model, tok = recipe.model.config, recipe.tokenizer.config
-        where = recipe.where
-        if hasattr(tok, "v_patch_nums"):
-            for tok_key, model_key, tok_value, model_value in (
-                    ("v_patch_nums", "patch_nums", tuple(tok.v_patch_nums), tuple(model.patch_nums)),
-                    ("vocab_size", "vocab_size", tok.vocab_size, model.vocab_size),
-                    ("z_channels", "Cvae", tok.z_channels, model.Cvae),
-                    ("image_channels", "image_channels", tok.image_channels, model.image_channels)):
-                if tok_value != model_value:
-                    raise ConfigError(f"{where(f'model.{model_key}')}: {model_value} disagrees with "
-                                      f"tokenizer.{tok_key}={tok_value}; set both the same")
-        downsample = tokenizer_info(recipe).get("downsample")
-        if downsample and downsample != model.stem_stride:
-            raise ConfigError(f"{where('model.stem_channels')}: the stem's stride {model.stem_stride} "
-                              f"(2^(len - 1)) must equal the tokenizer's {downsample}")
-        data = data_info(recipe)
+    def check_fit(cls, config: VARSRConfig, fit: Fit) -> None:
+        """Refuse a tokenizer or dataset that does not fit this VAR-SR's config (:mod:`zoo.fit`)."""
+        check_token_pyramid(config, fit, extra=(("image_channels", "image_channels"),))
+        stride, data = fit.tokenizer.get("downsample"), fit.data
+        if stride and stride != config.stem_stride:
+            raise FitError("model.stem_channels", f"the stem's stride {config.stem_stride} (2^(len - 1)) must equal "
+                                                  f"the tokenizer's {stride}")
         if "scale" not in data:
-            raise ConfigError(f"{where('data.name')}: var-sr trains on low/high-resolution pairs; use data "
-                              f"'photos' or 'pairs'")
-        size = data.get("image_size")
-        if size is not None and downsample and size != model.patch_nums[-1] * downsample:
-            raise ConfigError(f"{where('model.patch_nums')}: the last scale ({model.patch_nums[-1]}) times the "
-                              f"tokenizer's stride ({downsample}) must equal data.image_size ({size})")
+            raise FitError("data.name", "var-sr trains on low/high-resolution pairs; use data 'photos' or 'pairs'")
         want_gain = data["residual_gain"] if data.get("target") == "residual" else 0.0
-        if model.residual_gain != want_gain:
-            raise ConfigError(f"{where('model.residual_gain')}: {model.residual_gain}, but the dataset's targets "
-                              f"need {want_gain} (data.target {data.get('target')!r}, data.residual_gain "
-                              f"{data.get('residual_gain')})")
-        if data.get("num_classes") is not None and data["num_classes"] != model.num_classes:
-            raise ConfigError(f"{where('model.num_classes')}: {model.num_classes}, but the dataset labels "
-                              f"{data['num_classes']} qualities")
-        if recipe.train.cache_tokens:
-            raise ConfigError(f"{where('train.cache_tokens')}: var-sr trains on random crops; nothing to cache")
-
+        if config.residual_gain != want_gain:
+            raise FitError("model.residual_gain", f"{config.residual_gain}, but the dataset's targets need "
+                                                  f"{want_gain} (data.target {data.get('target')!r}, "
+                                                  f"data.residual_gain {data.get('residual_gain')})")
+        if data.get("num_classes") is not None and data["num_classes"] != config.num_classes:
+            raise FitError("model.num_classes", f"{config.num_classes}, but the dataset labels {data['num_classes']} "
+                                                f"qualities")
+        if fit.cache_tokens:
+            raise FitError("train.cache_tokens", "var-sr trains on random crops; nothing to cache")
 
 def mix_guidance(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:
     """Image-based CFG: rows [positive; low-quality negative] -> (1 + t)·positive − t·negative."""

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from zoo import __version__
 from zoo.config import ConfigError, config_to_dict
 from zoo.hub.card import known_metrics, model_card, training_summary
 from zoo.hub.model_dir import (
@@ -40,6 +39,7 @@ from zoo.hub.model_dir import (
     weights_exist,
 )
 from zoo.io import atomic_write_text
+from zoo.version import __version__
 
 # Files of a run or model directory that belong on the Hub (checkpoints/, logs and grids stay local).
 PUSHED_WEIGHTS = (WEIGHTS_NAME, TOKENIZER_WEIGHTS_NAME)

@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from zoo import __version__
 from zoo.config import ConfigError
-from zoo.io import atomic_write_json, load_state_strict, save_safetensors  # noqa: F401 (re-exported)
+from zoo.io import (  # noqa: F401 (re-exported)
+    CONFIG_NAME,
+    atomic_write_json,
+    load_state_strict,
+    read_model_config,
+    save_safetensors,
+)
 from zoo.registry import get_entry
+from zoo.version import __version__
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 RAW_WEIGHTS_NAME = "model_raw.safetensors"
 TOKENIZER_WEIGHTS_NAME = "tokenizer.safetensors"
@@ -173,18 +178,6 @@ def save_model_dir(path: str | os.PathLike, config: dict[str, Any], generator_st
     config = dict(config)
     config.setdefault("zoo_version", __version__)
     atomic_write_json(path / CONFIG_NAME, config)
-
-
-def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no {CONFIG_NAME}); pass a run directory "
-                                f"written by zoo-train or a model directory")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_file}: not valid JSON: {err}") from None
 
 
 def read_hub_config(repo_id: str, *, where: str = "") -> dict[str, Any]:

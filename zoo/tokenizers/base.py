@@ -8,9 +8,6 @@ index-level methods on top of this.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -77,27 +74,6 @@ class Tokenizer(nn.Module):
 
     def inputs_from_cache(self, cached: torch.Tensor):
         raise NotImplementedError(f"tokenizer {type(self).__name__} does not cache its training inputs")
-
-    # Saving and sharing: one implementation in zoo.hub.api (imported here lazily: zoo.hub imports the
-    # registry, which imports the tokenizers), so a tokenizer from ``zoo.from_pretrained`` is saved
-    # and pushed like a Pipeline.
-
-    def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB", **card) -> Path:
-        """Write a tokenizer model directory (config.json, tokenizer.safetensors, README.md) that
-        ``zoo.from_pretrained`` loads back; ``card`` keywords go to :func:`zoo.hub.card.model_card`
-        (license, tags, metrics, ...). Returns the directory."""
-        from zoo.hub.api import save_pretrained
-
-        return save_pretrained(self, path, max_shard_size=max_shard_size, **card)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                    commit_message: str | None = None, token: str | None = None, **card) -> str:
-        """Upload as a tokenizer model directory to the Hub repo ``repo_id`` (created if needed, on
-        branch ``revision``); returns the commit URL. See :func:`zoo.hub.push_to_hub`."""
-        from zoo.hub.api import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, revision=revision, commit_message=commit_message,
-                           token=token, **card)
 
     def loss(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses of the tokenizer itself (0-dim tensors, ``loss`` among them); only

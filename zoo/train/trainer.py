@@ -37,13 +37,13 @@ from zoo.errors import NonFiniteError, WriteError
 from zoo.hub.model_dir import load_state_strict, model_config_dict, save_model_dir
 from zoo.hub.safe_load import read_safetensors
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text, save_safetensors
+from zoo.optim import lr_at, make_optimizer
 from zoo.pipeline import Pipeline, parse_labels
 from zoo.progress import progress_bar
 from zoo.recipe import Recipe
 from zoo.train import checkpoint as ckpt
 from zoo.train.data import StepBatchSampler
 from zoo.train.ema import make_ema, update_ema
-from zoo.train.optim import lr_at, make_optimizer
 
 
 class LossModule(nn.Module):
