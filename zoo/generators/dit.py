@@ -36,10 +36,10 @@ class PatchTransformerConfig:
     """Fields shared by DiT-like generators (names as in the official ``DiT(...)``)."""
 
     input_size: int = 32  # latent (or pixel) side length
-    patch_size: int = 2
-    in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
+    patch_size: int = 2  # each token is a patch_size x patch_size patch: (input_size / patch_size)² tokens
+    in_channels: int = 4  # the tokenizer's latent channels (SD-VAE: 4)
+    hidden_size: int = 1152  # token width (DiT-XL)
+    depth: int = 28  # transformer blocks
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int = 1000  # the null class is index num_classes

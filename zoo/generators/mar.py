@@ -46,13 +46,13 @@ class MARConfig:
     img_size: int = 256  # image side in pixels
     vae_stride: int = 16  # downsampling of the tokenizer
     patch_size: int = 1  # latent pixels per token side (tokens are vae_embed_dim·patch_size² wide)
-    encoder_embed_dim: int = 1024
+    encoder_embed_dim: int = 1024  # MAE encoder (the visible tokens and the class buffer)
     encoder_depth: int = 16
     encoder_num_heads: int = 16
-    decoder_embed_dim: int = 1024
+    decoder_embed_dim: int = 1024  # MAE decoder (every position: visible, masked, buffer)
     decoder_depth: int = 16
     decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # both: MLP hidden width / token width
     norm_eps: float = 1e-5  # the blocks' LayerNorm eps: MAR() default 1e-5; mar_base/large/huge use 1e-6
     vae_embed_dim: int = 16  # latent channels of the tokenizer
     mask_ratio_min: float = 0.7  # the training mask ratio is a truncated normal on [mask_ratio_min, 1]

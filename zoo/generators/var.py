@@ -416,12 +416,48 @@ class _Unowned:
         return self
 
 
+class SamplesThroughMSVQ:
+    """The msvq tokenizer a VAR-like model samples through (VAR, VAR-SR): held by reference,
+    outside the model's ``state_dict``, parameters and ``.to()`` (like the release's ``vae_proxy``),
+    and shared, not copied, by ``copy.deepcopy``. Needs ``patch_nums``, ``V`` and ``Cvae``."""
+
+    def attach_tokenizer(self, tokenizer: nn.Module | None):
+        """Use ``tokenizer`` (an ``msvq`` tokenizer with this model's scales, vocabulary and code width)."""
+        if tokenizer is not None:
+            quantize = getattr(tokenizer, "quantize", None)
+            if quantize is None or not hasattr(quantize, "get_next_autoregressive_input"):
+                raise TypeError(f"{type(self).__name__} samples through a multi-scale VQ tokenizer (msvq); got "
+                                f"{type(tokenizer).__name__}")
+            got = (tuple(quantize.v_patch_nums), quantize.embedding.num_embeddings, quantize.embedding.embedding_dim)
+            want = (self.patch_nums, self.V, self.Cvae)
+            if got != want:
+                raise ValueError(f"tokenizer does not fit this {type(self).__name__}: (v_patch_nums, vocab_size, "
+                                 f"z_channels) = {got}, the model has (patch_nums, vocab_size, Cvae) = {want}")
+        self._tokenizer = _Unowned(tokenizer)
+        return self
+
+    @property
+    def tokenizer(self) -> nn.Module | None:
+        return self._tokenizer.module
+
+    def sampling_tokenizer(self, tokenizer: nn.Module | None) -> nn.Module:
+        """``tokenizer`` (attached, once checked) or the attached one; a clear error when there is none."""
+        if tokenizer is None:
+            tokenizer = self.tokenizer
+        elif tokenizer is not self.tokenizer:
+            self.attach_tokenizer(tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__} samples through its msvq tokenizer: pass tokenizer= or call "
+                             f"attach_tokenizer(tokenizer)")
+        return tokenizer
+
+
 #################################################################################
 #                                 Core VAR Model                                #
 #################################################################################
 
 
-class VAR(nn.Module):
+class VAR(SamplesThroughMSVQ, nn.Module):
     """Next-scale prediction transformer, built from a :class:`VARConfig`.
 
     Works on the token pyramids of a multi-scale VQ tokenizer (``msvq``) with ``vocab_size`` codes
@@ -642,29 +678,6 @@ class VAR(nn.Module):
 
     # ----------------------------------------------------------------- inference
 
-    def attach_tokenizer(self, tokenizer: nn.Module | None) -> VAR:
-        """Use ``tokenizer`` (an ``msvq`` tokenizer matching this model) for sampling. It is held by
-        reference, outside this module's state_dict and parameters (like the release's ``vae_proxy``),
-        and shared, not copied, by ``copy.deepcopy``."""
-        if tokenizer is not None:
-            self._check_tokenizer(tokenizer)
-        self._tokenizer = _Unowned(tokenizer)
-        return self
-
-    @property
-    def tokenizer(self) -> nn.Module | None:
-        return self._tokenizer.module
-
-    def _check_tokenizer(self, tokenizer: nn.Module) -> None:
-        quantize = getattr(tokenizer, "quantize", None)
-        if quantize is None or not hasattr(quantize, "get_next_autoregressive_input"):
-            raise TypeError(f"VAR samples through a multi-scale VQ tokenizer (msvq); got {type(tokenizer).__name__}")
-        got = (tuple(quantize.v_patch_nums), quantize.embedding.num_embeddings, quantize.embedding.embedding_dim)
-        want = (self.patch_nums, self.V, self.Cvae)
-        if got != want:
-            raise ValueError(f"tokenizer does not fit this VAR: (v_patch_nums, vocab_size, z_channels) = {got}, "
-                             f"the model has (patch_nums, vocab_size, Cvae) = {want}")
-
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, *, tokenizer: nn.Module | None = None,
                generator: torch.Generator | None = None, cfg_scale: float = 1.5, top_k: int = 0,
@@ -687,12 +700,7 @@ class VAR(nn.Module):
                       generator: torch.Generator | None = None, cfg_scale: float = 1.5, top_k: int = 0,
                       top_p: float = 0.0, more_smooth: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`sample` that also returns the sampled index pyramid: one (B, pn²) LongTensor per scale."""
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is None:
-            raise ValueError("VAR.sample needs the msvq tokenizer: pass tokenizer= or call attach_tokenizer(tok)")
-        if tokenizer is not self.tokenizer:
-            self._check_tokenizer(tokenizer)
-        quantize = tokenizer.quantize
+        quantize = self.sampling_tokenizer(tokenizer).quantize
         device = self.pos_1LC.device
         label_B = cond.to(device)
         B, SN, C = label_B.shape[0], len(self.patch_nums), self.C

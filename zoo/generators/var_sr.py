@@ -48,6 +48,7 @@ from zoo.generators.var import (
     AdaLNBeforeHead,
     AdaLNSelfAttn,
     KVCache,
+    SamplesThroughMSVQ,
     SharedAdaLin,
     VARSizes,
     _Unowned,
@@ -220,7 +221,7 @@ class CrossAttention(nn.Module):
 #################################################################################
 
 
-class VARSR(nn.Module):
+class VARSR(SamplesThroughMSVQ, nn.Module):
     """Next-scale prediction of an HR token pyramid given an LR image; see the module docstring.
 
     ``cond`` everywhere is the LR image (B, C, h, w) in [-1, 1] or a dict ``{"lr": …, "label": …}``
@@ -413,22 +414,6 @@ class VARSR(nn.Module):
 
     # ----------------------------------------------------------------- training
 
-    def attach_tokenizer(self, tokenizer: nn.Module | None) -> VARSR:
-        """Use ``tokenizer`` (msvq) for sampling and the refiner's targets; held by reference, outside
-        the state_dict."""
-        if tokenizer is not None:
-            quantize = getattr(tokenizer, "quantize", None)
-            got = None if quantize is None else (tuple(quantize.v_patch_nums), quantize.embedding.num_embeddings,
-                                                 quantize.embedding.embedding_dim)
-            if got != (self.patch_nums, self.V, self.Cvae):
-                raise ValueError(f"var-sr needs an msvq tokenizer with (v_patch_nums, vocab_size, z_channels) = "
-                                 f"{(self.patch_nums, self.V, self.Cvae)}, got {got}")
-        self._tokenizer = _Unowned(tokenizer)
-        return self
-
-    @property
-    def tokenizer(self) -> nn.Module | None:
-        return self._tokenizer.module
 
     @torch.no_grad()
     def training_inputs(self, tokenizer: nn.Module, images: torch.Tensor):
@@ -538,12 +523,7 @@ class VARSR(nn.Module):
                       temperature: float = 1.0, refine: bool = True, mean_tokens: bool = False,
                       sampler: str = "ddpm") -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`sample` that also returns the sampled index pyramid: one (B, pn²) LongTensor per scale."""
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is None:
-            raise ValueError("var-sr samples through its msvq tokenizer: pass tokenizer= or call attach_tokenizer")
-        if tokenizer is not self.tokenizer:
-            self.attach_tokenizer(tokenizer)
-        quantize = tokenizer.quantize
+        quantize = self.sampling_tokenizer(tokenizer).quantize
         lr, label_B = self.split_cond(cond)
         B, SN, C = lr.shape[0], len(self.patch_nums), self.C
         guided = cfg_scale != 0
