@@ -93,3 +93,15 @@ def test_a_model_without_blocks_to_checkpoint_is_refused(tmp_path):
     raw.setdefault("train", {})["checkpoint_activations"] = True
     with pytest.raises(ConfigError, match="train.checkpoint_activations: MSVQTokenizer does not support"):
         Trainer(recipe_from_dict(raw, source="msvq.yaml"), tmp_path / "run", progress=False, cpu=True)
+
+
+def test_return_freed_memory_fixes_glibcs_mmap_threshold_on_a_cpu(tiny_recipe_file, tmp_path, monkeypatch):
+    from zoo.train import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "fix_mmap_threshold", lambda: calls.append("mallopt") or True)
+    Trainer(load_recipe(tiny_recipe_file), tmp_path / "a", progress=False, cpu=True)
+    assert calls == []
+    Trainer(load_recipe(tiny_recipe_file, ["train.return_freed_memory=true"]), tmp_path / "b", progress=False,
+            cpu=True)
+    assert calls == ["mallopt"]

@@ -107,3 +107,15 @@ def test_get_classifier_reuses_disk_cache(cache_dir, monkeypatch):
     monkeypatch.setattr(DigitsClassifier, "fit", classmethod(lambda cls, *a, **k: pytest.fail("refitted")))
     x, y = digits_tensors(8, split="val")
     assert get_classifier(8).accuracy(x, y) >= 0.97
+
+
+def test_the_fd_floor_is_two_real_halves_apart_and_far_below_noise():
+    from zoo.eval.digits_classifier import frechet_distance_floor, frechet_distance_to_digits
+
+    floor = frechet_distance_floor(16)
+    assert 0 < floor == frechet_distance_floor(16)  # a fixed split: the same value every time
+    noise = torch.rand(500, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert frechet_distance_to_digits(noise) > 20 * floor
+    real, _ = __import__("zoo.data.digits", fromlist=["_"]).digits_tensors(16)
+    real_500 = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(1))[:500]]
+    assert frechet_distance_to_digits(real_500) < 2 * floor  # 500 real digits meet the bar

@@ -168,7 +168,7 @@ def test_zoo_eval_writes_json_and_adm_npz(dit_dir, tmp_path, capsys):
     assert eval_cli.main([str(dit_dir), "--num", "20", "--batch-size", "8", "--out", str(out), "--save-npz",
                           str(npz), "--no-progress", "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
-    assert set(report["metrics"]) == {"agreement", "fd_digits"}
+    assert set(report["metrics"]) == {"agreement", "fd_digits", "fd_digits_floor"}
     assert 0 <= report["metrics"]["agreement"] <= 1 and report["metrics"]["fd_digits"] > 0
     assert report["num"] == 20 and report["sampling"]["steps"] == 3
     with np.load(npz) as data:

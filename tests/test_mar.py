@@ -390,3 +390,11 @@ def test_zoo_sample_drives_mar_with_steps_as_unmasking_iterations(tmp_path, caps
                    "--cfg-schedule", "constant", "--temperature", "0.9", "--out", str(out)]) == 0 and out.is_file()
     assert sample([str(run), "--steps", "2", "--num-iter", "3", "--out", str(out)]) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+def test_more_unmasking_iterations_than_tokens_skip_the_empty_ones():
+    model = tiny_mar().eval()  # 16 tokens
+    labels = torch.tensor([1, 2])
+    many = model.sample(labels, num_iter=64, cfg_scale=2.0, num_sampling_steps="5",
+                        generator=torch.Generator().manual_seed(0))
+    assert many.shape == (2, 3, 8, 8) and torch.isfinite(many).all()

@@ -66,6 +66,10 @@ def measure(args) -> dict:
     generator.to(device)
     if recipe.train.checkpoint_activations:  # as the trainer sets it
         generator.checkpoint_activations = True
+    if recipe.train.return_freed_memory and device == "cpu":
+        from zoo.train.memory import fix_mmap_threshold
+
+        fix_mmap_threshold()
     if args.compile != "none":
         generator.compile(mode=args.compile)
     tokenizer = None
@@ -81,7 +85,8 @@ def measure(args) -> dict:
     result = {"what": args.child, "model": recipe.model.name, "latent_shape": list(shape),
               "params_M": round(sum(p.numel() for p in generator.parameters()) / 1e6, 2),
               "threads": torch.get_num_threads(), "device": device, "compile": args.compile,
-              "checkpoint_activations": recipe.train.checkpoint_activations}
+              "checkpoint_activations": recipe.train.checkpoint_activations,
+              "return_freed_memory": recipe.train.return_freed_memory}
 
     def sync():
         if device.startswith("cuda"):

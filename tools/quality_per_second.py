@@ -43,19 +43,6 @@ FAMILIES = {"dit": ("DiT", DIT), "mar": ("MAR", MAR), "meanflow": ("MeanFlow", M
 BASELINES = {"dit": ("DDPM 250 (paper)", "DDIM 50 (recipe)"), "mar": ("64 iter x DDPM 100 (release)",)}
 
 
-def real_floor(image_size: int) -> float:
-    """Fréchet distance between two disjoint halves of the real digits, in the classifier's features."""
-    from zoo.data.digits import digits_tensors
-    from zoo.eval.digits_classifier import get_classifier
-    from zoo.eval.metrics import feature_statistics, frechet_distance
-
-    images, _ = digits_tensors(image_size, "bilinear")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    half = len(images) // 2
-    features = get_classifier(image_size).features(images[order])
-    return frechet_distance(*feature_statistics(features[:half]), *feature_statistics(features[half:]))
-
-
 def measure(model_dir: str, settings, num: int, batch_size: int) -> list[dict]:
     from zoo.eval.digits_classifier import agreement, frechet_distance_to_digits
     from zoo.hub.model_dir import load_model_dir
@@ -99,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
             size = read_model_config(model_dir)["data"]["image_size"]
     if size is not None:
-        results["real_floor_fd"] = round(real_floor(size), 2)
+        from zoo.eval.digits_classifier import frechet_distance_floor
+
+        results["real_floor_fd"] = round(frechet_distance_floor(size), 2)
     print()
     print(f"{args.num} samples each, {results['threads']} threads; FD floor (two halves of the real digits): "
           f"{results.get('real_floor_fd')}")

@@ -45,7 +45,8 @@ COLUMNS = [
     ("train_batch", "train batch"), ("sample_peak_mb", "sampling peak MB"), ("train_peak_mb", "training peak MB"),
     ("final_loss", "final train loss"), ("train_steps_logged", "steps trained"),
 ]
-METRIC_COLUMNS = [("agreement", "agreement"), ("fd_digits", "FD (digits clf)"), ("fid", "FID"), ("isc", "IS"),
+METRIC_COLUMNS = [("agreement", "agreement"), ("fd_digits", "FD (digits clf)"),
+                  ("fd_digits_floor", "FD floor (real halves)"), ("fid", "FID"), ("isc", "IS"),
                   ("precision", "precision"), ("recall", "recall")]
 
 

@@ -6,11 +6,14 @@ Metrics (``metrics=None`` picks every one that applies to the model and the file
 | name | what | needs |
 | --- | --- | --- |
 | ``agreement`` | fraction of samples the digits classifier reads as their label | a digits model |
-| ``fd_digits`` | Fréchet distance to the real digits in that classifier's feature space | a digits model |
+| ``fd_digits`` | Fréchet distance to the real digits in that classifier's features (+ ``fd_digits_floor``) | digits |
 | ``fid`` | FID against ``ref`` (ADM ``mu``/``sigma``, or ``arr_0`` images; default: real digits) | Inception weights |
 | ``isc`` | Inception Score (mean, std) | Inception weights |
 | ``prc`` | precision / recall (k = 3) against reference images | Inception weights, images |
 | ``psnr``, ``ssim`` | reconstruction quality of paired images | a tokenizer directory |
+
+``fd_digits_floor`` is the same distance between two disjoint halves of the real digits: what the
+data scores against itself, the floor a generator's ``fd_digits`` is read against.
 
 ``psnr``/``ssim`` score a tokenizer directory's reconstructions of ``ref``'s ``arr_0`` images or of
 the dataset its config names (digits). For a generator conditioned on images (super-resolution: its
@@ -151,9 +154,10 @@ def evaluate_samples(images_NHWC: np.ndarray, labels: np.ndarray | None, metrics
             raise ValueError("agreement needs the labels the samples were drawn for")
         out["agreement"] = agreement(_to_float_images(images_NHWC), torch.from_numpy(np.asarray(labels)))
     if "fd_digits" in metrics:
-        from zoo.eval.digits_classifier import frechet_distance_to_digits
+        from zoo.eval.digits_classifier import frechet_distance_floor, frechet_distance_to_digits
 
         out["fd_digits"] = frechet_distance_to_digits(_to_float_images(images_NHWC))
+        out["fd_digits_floor"] = frechet_distance_floor(images_NHWC.shape[1])  # two halves of the real digits
     wanted = [m for m in metrics if m in inception.INCEPTION_METRICS]
     if wanted:
         inception.require_weights(inception_weights, ", ".join(wanted))

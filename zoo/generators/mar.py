@@ -381,14 +381,18 @@ class MAR(nn.Module):
 
             steps = progress_bar(steps, desc="unmasking", unit="iter", leave=False)
         for step in steps:
+            mask_len = next_mask_len(step, num_iter, self.seq_len, int(mask_BL[0].sum()))
+            mask_next = mask_by_order(mask_len, orders)
+            to_pred_BL = mask_BL.bool() if step >= num_iter - 1 else mask_BL.bool() ^ mask_next
+            if not to_pred_BL.any():
+                # More iterations than tokens (64 on a 16-token digit): this one unmasks nothing. The
+                # release would call its head on no tokens and fail; skipping it draws nothing either.
+                mask_BL = mask_next.float()
+                continue
             tokens_in, mask_in = tokens_BLC, mask_BL
             if guided:
                 tokens_in, mask_in = torch.cat([tokens_BLC, tokens_BLC]), torch.cat([mask_BL, mask_BL])
             z_BLD = self.forward_mae_decoder(self.forward_mae_encoder(tokens_in, mask_in, class_embedding), mask_in)
-
-            mask_len = next_mask_len(step, num_iter, self.seq_len, int(mask_BL[0].sum()))
-            mask_next = mask_by_order(mask_len, orders)
-            to_pred_BL = mask_BL.bool() if step >= num_iter - 1 else mask_BL.bool() ^ mask_next
             mask_BL = mask_next.float()
             to_pred = torch.cat([to_pred_BL, to_pred_BL]) if guided else to_pred_BL
             cfg_iter = cfg_at_step(cfg, cfg_schedule, mask_len, self.seq_len)

@@ -44,6 +44,7 @@ from zoo.recipe import Recipe
 from zoo.train import checkpoint as ckpt
 from zoo.train.data import StepBatchSampler
 from zoo.train.ema import make_ema, update_ema
+from zoo.train.memory import fix_mmap_threshold
 
 
 class LossModule(nn.Module):
@@ -200,6 +201,8 @@ class Trainer:
                 raise ConfigError(f"{recipe.where('train.checkpoint_activations')}: {type(self.model).__name__} does "
                                   f"not support activation checkpointing (DiT, MeanFlow-DiT, VAR and MAR do)")
             self.model.checkpoint_activations = True
+        if self.cfg.return_freed_memory and acc.device.type == "cpu":
+            fix_mmap_threshold()  # see zoo/train/memory.py
         self.ema = make_ema(self.model)
         self.model.to(acc.device)  # the fused optimizer is built for the parameters' device
         self.optimizer, _ = make_optimizer(self.model, self.cfg)
