@@ -187,8 +187,8 @@ class Pair:
 
         pipe = Pipeline(self.zoo, torch.nn.Identity(), self.recipe.sample, num_classes=None, image_size=None)
         kwargs = pipe.sampling_kwargs()
-        if self.family == "dit":
-            kwargs["sampler"] = "ddpm"  # the official sample.py's sampler, at the recipe's steps
+        if self.family in ("dit", "mar"):
+            kwargs["sampler"] = "ddpm"  # the release's only sampler (DiT: at the recipe's steps; MAR: the head's)
         if self.family == "var":
             out = self.zoo.sample(self.sample_labels, tokenizer=self.tokenizer, **kwargs)
             return self.tokenizer.decode(out)  # the official call includes decoding

@@ -11,14 +11,16 @@ data's own floor (two disjoint halves of the digits, ~900 images each) is printe
 
 Settings (a model directory may be left out):
 
-- DiT: DDPM 250 (the paper's sampler), DDIM 50 (the recipe's), and DPM-Solver++(2M) and UniPC at
-  10, 15 and 25 steps;
-- MAR: the release's 64 unmasking iterations x 100 head steps (DDPM), the recipe's 16 x 50, and
-  fewer iterations with the fast solvers driving the per-token head;
+- DiT: DDPM 250 (the paper's sampler), DDIM 50 (the recipe's), DDIM 10 and 25 (first order at the
+  fast solvers' cost), and DPM-Solver++(2M) and UniPC at 10, 15 and 25 steps;
+- MAR: the release's 64 unmasking iterations x 100 head steps (DDPM), 16 x 50 (the recipe's before
+  it moved to 8 x UniPC 15), 8 x 50 (fewer iterations alone), and fewer iterations with the fast
+  solvers driving the per-token head;
 - MeanFlow: 1 and 2 steps;
-- VAR: its one setting (10 scales, KV-cached).
+- VAR: its one setting (each of the recipe's scales once, KV-cached).
 
-Speed-ups are printed against each family's default: DiT's DDPM 250 and DDIM 50, MAR's 64 x 100.
+Speed-ups are printed against DiT's DDPM 250 and DDIM 50, and MAR's 64 x 100 and 16 x 50.
+Guidance is each recipe's own (its sample.cfg_scale).
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ import time
 import torch
 
 DIT = [("DDPM 250 (paper)", dict(sampler="ddpm", steps=250)), ("DDIM 50 (recipe)", dict(sampler="ddim", steps=50))]
+DIT += [(f"DDIM {n}", dict(sampler="ddim", steps=n)) for n in (10, 25)]  # the first-order baseline at equal cost
 DIT += [(f"{name} {n}", dict(sampler=sampler, steps=n)) for sampler, name in (("dpm++2m", "DPM-Solver++ 2M"),
                                                                                ("unipc", "UniPC"))
         for n in (10, 15, 25)]
 MAR = [("64 iter x DDPM 100 (release)", dict(num_iter=64, num_sampling_steps="100", sampler="ddpm")),
-       ("16 iter x DDPM 50 (recipe)", dict(num_iter=16, num_sampling_steps="50", sampler="ddpm"))]
+       ("16 iter x DDPM 50", dict(num_iter=16, num_sampling_steps="50", sampler="ddpm")),
+       ("8 iter x DDPM 50", dict(num_iter=8, num_sampling_steps="50", sampler="ddpm"))]  # iterations alone
 MAR += [(f"{it} iter x {name} {n}", dict(num_iter=it, num_sampling_steps=str(n), sampler=sampler))
         for it in (16, 8) for sampler, name in (("dpm++2m", "DPM++"), ("unipc", "UniPC")) for n in (10, 15)]
 MEANFLOW = [("1 step", dict(steps=1)), ("2 steps", dict(steps=2))]
-VAR = [("10 scales (recipe)", {})]
+VAR = [("every scale once, KV cache (recipe)", {})]
 FAMILIES = {"dit": ("DiT", DIT), "mar": ("MAR", MAR), "meanflow": ("MeanFlow", MEANFLOW), "var": ("VAR", VAR)}
-BASELINES = {"dit": ("DDPM 250 (paper)", "DDIM 50 (recipe)"), "mar": ("64 iter x DDPM 100 (release)",)}
+BASELINES = {"dit": ("DDPM 250 (paper)", "DDIM 50 (recipe)"),
+             "mar": ("64 iter x DDPM 100 (release)", "16 iter x DDPM 50")}
 
 
 def measure(model_dir: str, settings, num: int, batch_size: int) -> list[dict]:
