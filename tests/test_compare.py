@@ -70,6 +70,7 @@ def test_models_of_three_families_compare_in_one_call(three_families, tmp_path):
         assert 0 <= row["agreement"] <= 1 and row["fd_digits"] > 0
     assert rows["var"]["tokenizer_params"] > 0 and rows["dit"]["tokenizer_params"] == 0
     assert rows["dit"]["final_loss"] == pytest.approx(1 / 6) and "final_loss" not in rows["var"]
+    assert all("train_minutes" not in row for row in rows.values())  # model directories: no checkpoints
     grid = result["files"]["grid"]
     from PIL import Image
 
@@ -113,3 +114,18 @@ def test_zoo_compare_refuses_a_label_a_model_does_not_have(three_families, tmp_p
 
     assert compare_cli.main([str(three_families[0]), "--labels", "12", "--out", str(tmp_path)]) == 2
     assert "label 12 is outside 0..9" in capsys.readouterr().err
+
+
+def test_a_run_directory_reports_its_train_minutes_with_its_tokenizers(tmp_path):
+    from zoo.eval.compare import _train_minutes
+    from zoo.train import checkpoint as ckpt
+
+    def checkpoint(run_dir, seconds):
+        ckpt.write_checkpoint(run_dir, 4, {}, {"step": 4, "train_seconds": seconds}, keep=1)
+
+    run = tmp_path / "run"
+    checkpoint(run, 90.0)
+    assert _train_minutes(run) == {"train_minutes": pytest.approx(1.5)}
+    checkpoint(run / "tokenizer", 30.0)  # a tokenizer the run trained first
+    assert _train_minutes(run) == {"train_minutes": pytest.approx(2.0), "tokenizer_train_minutes": pytest.approx(0.5)}
+    assert _train_minutes(tmp_path / "not-a-run") == {}

@@ -45,6 +45,27 @@ def test_resumed_run_equals_the_uninterrupted_one_mid_epoch(tiny_recipe_file, tm
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_checkpoints_record_the_train_time_of_their_steps_across_sessions(tiny_recipe_file, tmp_path, monkeypatch):
+    import time
+
+    from zoo.train.checkpoint import read_state, recorded_train_seconds
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("zoo.train.trainer.Trainer.train_step",
+                        lambda self, batch_iter: (clock.__setitem__("now", clock["now"] + 2.0),
+                                                  setattr(self, "step", self.step + 1),
+                                                  {"loss": 1.0, "lr": 1e-3})[-1])
+    run = tmp_path / "run"
+    assert recorded_train_seconds(run) is None
+    Trainer(load_recipe(tiny_recipe_file), run, progress=False, cpu=True).fit(stop_at=2)
+    assert recorded_train_seconds(run) == pytest.approx(4.0)  # two steps of 2 s each
+    clock["now"] += 1000.0  # time between the sessions is not training
+    Trainer(load_recipe(tiny_recipe_file), run, resume=True, progress=False, cpu=True).fit()
+    state = read_state(latest_checkpoint(run))
+    assert state["step"] == 6 and state["train_seconds"] == pytest.approx(12.0)
+
+
 def test_starting_over_an_existing_run_without_resume_is_refused(tiny_recipe_file, tmp_path):
     from zoo.config import ConfigError
 

@@ -44,6 +44,7 @@ COLUMNS = [
     ("sample_images_per_s", "sampling img/s"), ("train_images_per_s", "training img/s"),
     ("train_batch", "train batch"), ("sample_peak_mb", "sampling peak MB"), ("train_peak_mb", "training peak MB"),
     ("final_loss", "final train loss"), ("train_steps_logged", "steps trained"),
+    ("train_minutes", "train min"),
 ]
 METRIC_COLUMNS = [("agreement", "agreement"), ("fd_digits", "FD (digits clf)"),
                   ("fd_digits_floor", "FD floor (real halves)"), ("fid", "FID"), ("isc", "IS"),
@@ -146,11 +147,12 @@ def compare(models: list[str | os.PathLike], *, out: str | os.PathLike = "compar
             curves[name] = log
             row["final_loss"] = log[-1][1]
             row["train_steps_logged"] = log[-1][0]
+        row.update(_train_minutes(model))
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
 
     metric_columns = [c for c in METRIC_COLUMNS if any(c[0] in r for r in rows)]
-    columns = COLUMNS[:-2] + metric_columns + COLUMNS[-2:]
+    columns = COLUMNS[:-3] + metric_columns + COLUMNS[-3:]
     files = {}
     grid, _ = comparison_grid(grid_rows, names, [str(v) for v in column_labels])
     files["grid"] = out / "grid.png"
@@ -175,6 +177,22 @@ def compare(models: list[str | os.PathLike], *, out: str | os.PathLike = "compar
     return {"rows": rows, "files": {k: str(v) for k, v in files.items()}}
 
 
+def _train_minutes(model: str | os.PathLike) -> dict:
+    """``train_minutes``: the wall time a run directory's checkpoints record, plus that of the tokenizer
+    the run trained first into RUN_DIR/tokenizer (``tokenizer_train_minutes``); nothing for a model directory."""
+    from zoo.train.checkpoint import recorded_train_seconds
+    from zoo.train.trainer import TOKENIZER_SUBDIR
+
+    generator = recorded_train_seconds(model)
+    if generator is None:
+        return {}
+    tokenizer = recorded_train_seconds(Path(model) / TOKENIZER_SUBDIR)
+    out = {"train_minutes": (generator + (tokenizer or 0.0)) / 60}
+    if tokenizer is not None:
+        out["tokenizer_train_minutes"] = tokenizer / 60
+    return out
+
+
 def _method_notes(rows, *, num: int, batch_size: int, train_steps: int, seed: int, isolate: bool) -> list[str]:
     device = rows[0].get("device", "cpu")
     threads = rows[0].get("threads")
@@ -193,6 +211,10 @@ def _method_notes(rows, *, num: int, batch_size: int, train_steps: int, seed: in
         "began" + (", each model in a fresh process." if isolate else " (all models in one process: a later model "
                    "may reuse memory an earlier one freed, so its peak can read low)."),
     ]
+    if any("train_minutes" in r for r in rows):
+        notes.append("Train min: the wall time the run's latest checkpoint records for its steps (all sessions, set-up "
+                     "included, work lost to a kill not), plus the tokenizer the run trained first, as it was "
+                     "measured on the machine that trained it.")
     if num:
         notes.append(f"Quality: {num} samples per model (labels cycled, seed {seed}); the digits classifier's "
                      f"Fréchet distance depends on the sample count, so compare only at equal counts.")

@@ -83,6 +83,21 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_NAME).read_text())
 
 
+def recorded_train_seconds(run_dir: str | os.PathLike) -> float | None:
+    """The wall seconds a run's latest checkpoint records for its steps (``train_seconds``), or None
+    for a folder with no checkpoint, or one written before zoo recorded the time."""
+    if not checkpoint_root(run_dir).is_dir():
+        return None
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    try:
+        value = read_state(latest).get("train_seconds")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def write_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, Callable[[Path], None]],
                      state: dict, *, keep: int) -> Path:
     """Write checkpoint ``step`` durably and make it ``latest``; returns its folder.

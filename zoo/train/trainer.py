@@ -146,6 +146,9 @@ class Trainer:
                               f"another --run-dir")
         # A tokenizer named by recipe is trained (or finished, or reused) before anything else.
         tokenizer_dir = self._tokenizer_dir()
+        # Wall time of the steps a checkpoint holds (train_seconds in its trainer_state.json): this
+        # session's, from here on, plus what the checkpoint resumed from had; work a kill lost is not counted.
+        self._clock_start, self._seconds_before = time.perf_counter(), 0.0
         if self.cfg.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
             raise ConfigError(f"{recipe.where('train.mixed_precision')}: fp16 is not supported on a CPU (PyTorch "
                               f"has no fp16 autocast with loss scaling there); use 'bf16' or 'no'")
@@ -381,12 +384,18 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skips_in_a_row = state.get("skips_in_a_row", 0)
+        self._seconds_before = float(state.get("train_seconds", 0.0))
         pieces = state.get("pieces")
         if pieces is not None and pieces != self.cfg.grad_accum_steps * acc.num_processes:
             acc.print(f"note: {latest.name} was trained with {pieces} pieces per step (grad_accum_steps × "
                       f"processes), this run uses {self.cfg.grad_accum_steps * acc.num_processes}: same batches, "
                       f"but not the same random draws as an uninterrupted run")
         acc.print(f"resumed {self.run_dir} from {latest.name} (step {self.step})")
+
+    def train_seconds(self) -> float:
+        """Wall seconds the run's steps so far took, over all its sessions (set-up included, the tokenizer
+        a recipe trains first excluded: it records its own)."""
+        return self._seconds_before + time.perf_counter() - self._clock_start
 
     def data_position(self, step: int | None = None) -> dict[str, int]:
         """Where the batch stream stands before ``step``: the epoch and the batch within it."""
@@ -430,7 +439,8 @@ class Trainer:
             pieces = self.cfg.grad_accum_steps * self.accelerator.num_processes
             state = {"step": self.step, "time": time.time(), **self.data_position(),
                      "skipped_steps": self.skipped_steps, "skips_in_a_row": self.skips_in_a_row,
-                     "pieces": pieces, "processes": self.accelerator.num_processes}
+                     "pieces": pieces, "processes": self.accelerator.num_processes,
+                     "train_seconds": self.train_seconds()}
             ckpt.write_checkpoint(self.run_dir, self.step, files, state, keep=self.cfg.keep_checkpoints)
         try:
             if self.recipe.trains_tokenizer:
