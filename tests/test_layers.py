@@ -12,7 +12,8 @@ ZOO = Path(__file__).resolve().parent.parent / "zoo"
 
 # Lowest first; each layer may import itself and every layer before it.
 LAYERS = [
-    ("foundation", ("zoo.version", "zoo.config", "zoo.errors", "zoo.progress", "zoo.io", "zoo.optim", "zoo.fit")),
+    ("foundation", ("zoo.version", "zoo.config", "zoo.errors", "zoo.progress", "zoo.io", "zoo.optim", "zoo.fit",
+                    "zoo.rundir")),
     ("registry", ("zoo.registry",)),
     ("layers and objectives", ("zoo.nn", "zoo.diffusion")),
     ("components", ("zoo.tokenizers", "zoo.generators", "zoo.data")),

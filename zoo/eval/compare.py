@@ -34,6 +34,7 @@ from zoo.eval.measure import measure_isolated, measure_model
 from zoo.eval.report import comparison_grid, html_report, loss_plot, markdown_table, read_loss_log
 from zoo.io import atomic_write, atomic_write_json, atomic_write_text
 from zoo.progress import progress_bar
+from zoo.rundir import TOKENIZER_SUBDIR, recorded_train_seconds
 
 __all__ = ["compare", "COLUMNS"]
 
@@ -180,9 +181,6 @@ def compare(models: list[str | os.PathLike], *, out: str | os.PathLike = "compar
 def _train_minutes(model: str | os.PathLike) -> dict:
     """``train_minutes``: the wall time a run directory's checkpoints record, plus that of the tokenizer
     the run trained first into RUN_DIR/tokenizer (``tokenizer_train_minutes``); nothing for a model directory."""
-    from zoo.train.checkpoint import recorded_train_seconds
-    from zoo.train.trainer import TOKENIZER_SUBDIR
-
     generator = recorded_train_seconds(model)
     if generator is None:
         return {}

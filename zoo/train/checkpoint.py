@@ -15,6 +15,9 @@ written and fsynced in ``step-XXXXXXX.tmp/``, the folder fsynced and renamed, th
 then ``latest`` replaced atomically, and only then are older checkpoints removed (renamed to
 ``*.trash`` first, so a half-deleted folder is never mistaken for a checkpoint). Leftover ``.tmp``
 and ``.trash`` folders are removed on resume.
+
+The read side of the layout (``latest_checkpoint``, ``read_state``, ...) lives in :mod:`zoo.rundir`, in
+the foundation layer, so that the applications can read a run; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,70 +34,22 @@ import torch
 
 from zoo.errors import WriteError
 from zoo.io import atomic_write_json, atomic_write_text, fsync_dir, save_safetensors, write_error
+from zoo.rundir import (  # noqa: F401
+    LATEST,
+    PARTIAL_SUFFIXES,
+    STATE_NAME,
+    checkpoint_name,
+    checkpoint_root,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_state,
+    recorded_train_seconds,
+)
 
-STATE_NAME = "trainer_state.json"
 MODEL_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 RNG_NAME = "rng_state.safetensors"
-LATEST = "latest"
-_PARTIAL_SUFFIXES = (".tmp", ".trash")
-
-
-def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Finished checkpoint folders, oldest first (a folder only gets its final name once complete)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(_PARTIAL_SUFFIXES)
-             and (p / STATE_NAME).is_file()]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``checkpoints/latest``, or None when the run has none.
-
-    If the pointer is missing or names a folder that is gone (a run killed between the first rename
-    and its pointer, or a folder deleted by hand), the newest complete checkpoint is used instead.
-    """
-    root = checkpoint_root(run_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / STATE_NAME).is_file():
-            return path
-    done = complete_checkpoints(run_dir)
-    if done and pointer.is_file():
-        print(f"warning: {pointer} names {pointer.read_text().strip()!r}, which is incomplete or missing; "
-              f"using {done[-1].name}", file=sys.stderr)
-    return done[-1] if done else None
-
-
-def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_NAME).read_text())
-
-
-def recorded_train_seconds(run_dir: str | os.PathLike) -> float | None:
-    """The wall seconds a run's latest checkpoint records for its steps (``train_seconds``), or None
-    for a folder with no checkpoint, or one written before zoo recorded the time."""
-    if not checkpoint_root(run_dir).is_dir():
-        return None
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        return None
-    try:
-        value = read_state(latest).get("train_seconds")
-    except (OSError, ValueError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def write_checkpoint(run_dir: str | os.PathLike, step: int, files: dict[str, Callable[[Path], None]],
@@ -152,7 +106,7 @@ def _discard(folder: Path) -> None:
 def clean_partial(run_dir: str | os.PathLike) -> None:
     """Remove what a killed save or prune left behind (``*.tmp``, ``*.trash``)."""
     root = checkpoint_root(run_dir)
-    for suffix in _PARTIAL_SUFFIXES:
+    for suffix in PARTIAL_SUFFIXES:
         for leftover in root.glob(f"step-*{suffix}"):
             shutil.rmtree(leftover, ignore_errors=True)
     for stray in root.glob(f".{LATEST}.*.tmp"):  # a pointer write killed before its rename

@@ -41,6 +41,7 @@ from zoo.optim import lr_at, make_optimizer
 from zoo.pipeline import Pipeline, parse_labels
 from zoo.progress import progress_bar
 from zoo.recipe import Recipe
+from zoo.rundir import TOKENIZER_SUBDIR
 from zoo.train import checkpoint as ckpt
 from zoo.train.data import StepBatchSampler
 from zoo.train.ema import make_ema, update_ema
@@ -122,7 +123,6 @@ def default_run_dir(recipe_path: str) -> Path:
     return candidate
 
 
-TOKENIZER_SUBDIR = "tokenizer"  # where a generator run trains the tokenizer its recipe names by recipe
 TOKEN_CACHE = "token_cache.npy"  # train.cache_tokens: the rows, memory-mapped; token_cache.json holds its fingerprint
 
 
