@@ -92,6 +92,13 @@ def test_registered_with_defaults():
     ({"jvp": "reverse"}, "forward.*double_backward"),
     ({"time_sampling": "beta"}, "uniform.*logit_normal"),
     ({"steps": 0}, "steps"),
+    ({"kappa": 1.0}, r"kappa: must lie in \[0, 1\)"),
+    ({"kappa": -0.1}, "kappa"),
+    ({"guidance_interval": [0.8, 0.2]}, "guidance_interval"),
+    ({"guidance_interval": [0.0, 1.5]}, "guidance_interval"),
+    ({"guidance_interval": [0.5]}, "guidance_interval"),
+    ({"prediction": "v"}, r"prediction: 'v' is not allowed; choose one of \['u', 'x'\]"),
+    ({"x_pred_t_min": 0.0}, "x_pred_t_min"),
 ])
 def test_config_rejects_bad_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -331,6 +338,45 @@ def test_guided_velocity_folds_the_unconditional_average_velocity_at_r_equal_t()
     assert model.seen[0].tolist() == [9, 9, 9, 9]
 
 
+def test_kappa_mixes_in_the_conditional_average_velocity_at_r_equal_t():
+    z, t, _, v = batch()
+    omega = torch.full((4,), 0.75, dtype=torch.float64)
+    kappa = torch.tensor([0.5, 0.5, 0.0, 0.5], dtype=torch.float64)
+    model = LabelledField()
+    labels = torch.tensor([0, 1, 2, 3])
+    guided = MeanFlowObjective.guided_velocity(model, z, t, v, omega, {"y": torch.full((4,), 9)},
+                                               model_kwargs={"y": labels}, kappa=kappa)
+    u_uncond = z * 10 + 3 * col(t)
+    u_cond = z * col(labels.double() + 1) + 3 * col(t)
+    expected = 0.75 * v + col(kappa) * u_cond + (1 - 0.75 - col(kappa)) * u_uncond
+    torch.testing.assert_close(guided, expected)
+    assert [seen.tolist() for seen in model.seen] == [[9, 9, 9, 9], [0, 1, 2, 3]]
+
+
+def test_a_fixed_point_of_the_kappa_target_is_guidance_omega_over_one_minus_kappa():
+    # u = omega v_c + kappa u + (1 - omega - kappa) v_u  =>  u = v_u + omega / (1 - kappa) (v_c - v_u)
+    v_c, v_u = torch.tensor(1.3), torch.tensor(-0.4)
+    omega, kappa = 0.75, 0.5
+    u = v_u + omega / (1 - kappa) * (v_c - v_u)
+    torch.testing.assert_close(omega * v_c + kappa * u + (1 - omega - kappa) * v_u, u)
+
+
+def test_guidance_applies_only_inside_its_interval_of_t():
+    obj = objective(omega=3.0, kappa=0.5, guidance_interval=[0.0, 0.5], cfg_drop_prob=0.0, equal_fraction=1.0,
+                    adaptive_gamma=1.0, time_sampling="uniform")
+    x = torch.rand(64, 2, 3, 3, generator=seeded(0), dtype=torch.float64) * 2 - 1
+    y = torch.arange(64) % 4
+    out = obj.loss(LabelledField(), x, {"y": y}, uncond_kwargs={"y": torch.full((64,), 9)}, generator=seeded(6))
+    t, r, eps, z, v, _ = hand_draws(obj, x, 6)
+    inside = col((t <= 0.5).double())
+    assert 0 < inside.sum() < 64
+    u_uncond = z * 10 + 3 * col(t)
+    u = z * col(y.double() + 1) + 3 * col(t)
+    guided = 3.0 * v + 0.5 * u + (1 - 3.0 - 0.5) * u_uncond
+    target = inside * guided + (1 - inside) * v
+    torch.testing.assert_close(out["mse"], ((u - target) ** 2).mean())
+
+
 def test_loss_regresses_on_the_guided_velocity_when_given_a_null_condition():
     obj = objective(omega=3.0, cfg_drop_prob=0.0, equal_fraction=1.0, adaptive_gamma=1.0)
     x = torch.rand(4, 2, 3, 3, generator=seeded(0), dtype=torch.float64) * 2 - 1
@@ -389,6 +435,47 @@ def test_one_step_sample_is_noise_minus_u_at_t1_r0():
     assert seen == [([1.0] * 3, [0.0] * 3)]
     torch.testing.assert_close(out, (noise - (0.3 * noise + col(y.float()))).clamp(-1, 1))
     assert torch.equal(obj.sample(model, noise, model_kwargs={"y": y}), out)
+
+
+def test_x_prediction_reads_the_output_as_an_image_and_divides_by_t_floored():
+    obj = objective(prediction="x", x_pred_t_min=0.1)
+    z = torch.randn(3, 2, 3, 3, generator=seeded(0), dtype=torch.float64)
+    t = torch.tensor([0.9, 0.3, 0.02], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.3, 0.0], dtype=torch.float64)
+
+    def image_net(z_, t_, r_, y):
+        return 0.5 * z_ + col(t_ - r_) + col(y.double())
+
+    y = torch.tensor([0, 1, 2])
+    u = obj.average_velocity(image_net)(z, t, r, y=y)
+    expected = (z - image_net(z, t, r, y)) / col(torch.tensor([0.9, 0.3, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(u, expected)
+    assert objective().average_velocity(image_net) is image_net
+
+
+def test_x_prediction_one_step_sample_is_the_networks_image():
+    obj = objective(prediction="x")
+    noise = torch.randn(3, 2, 3, 3, generator=seeded(0))
+
+    def image_net(z, t, r, y):
+        return 0.3 * z + col(y.float()) - 1
+
+    y = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(obj.sample(image_net, noise, model_kwargs={"y": y}),
+                               image_net(noise, None, None, y).clamp(-1, 1))
+
+
+def test_x_prediction_loss_is_the_u_loss_of_the_converted_network():
+    x = torch.rand(6, 2, 3, 3, generator=seeded(0), dtype=torch.float64) * 2 - 1
+    net = TinyMeanFlowNet().double()
+    obj_x = objective(prediction="x", equal_fraction=0.5, omega=1.5, kappa=0.3)
+    obj_u = objective(equal_fraction=0.5, omega=1.5, kappa=0.3)
+    kwargs = {"y": torch.tensor([0, 1, 2, 3, 0, 1])}
+    uncond = {"y": torch.full((6,), 4)}
+    out_x = obj_x.loss(net, x, kwargs, uncond_kwargs=uncond, generator=seeded(3))
+    out_u = obj_u.loss(obj_x.average_velocity(net), x, kwargs, uncond_kwargs=uncond, generator=seeded(3))
+    for key in ("loss", "mse", "weight"):
+        torch.testing.assert_close(out_x[key], out_u[key])
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5])

@@ -13,6 +13,11 @@ With ``r = t`` the target is the plain flow-matching velocity.  One network call
 
 Classifier-free guidance is folded into training (the paper's eq. 19): conditional examples regress
 on ``omega * v + (1 - omega) * u(z, t, t | null)`` instead of v, so sampling needs no second pass.
+With the paper's mixing term ``kappa`` (its appendix; the official code's default 0.5) the target is
+``omega * v + kappa * u(z, t, t | c) + (1 - omega - kappa) * u(z, t, t | null)``: the network's own
+conditional velocity takes a share of the noisy single-sample v, and the guidance the network learns
+is ``omega / (1 - kappa)``. Guidance applies where t lies in ``guidance_interval`` (elsewhere omega
+is 1 and kappa 0).
 
 The network is called as ``model(z, t, r, **model_kwargs)`` with t and r as ``[N]`` tensors in [0, 1].
 """
@@ -36,6 +41,7 @@ __all__ = ["MeanFlowConfig", "MeanFlowObjective", "Normalizer", "select_conditio
 
 NORMALIZERS = ("minmax", "mean_std")
 JVP_MODES = ("forward", "double_backward")
+PREDICTIONS = ("u", "x")
 
 
 class Normalizer:
@@ -115,14 +121,18 @@ class MeanFlowConfig:
     cfg_drop_prob: float = 0.1  # probability of replacing an example's condition by the null one
     omega: float = 1.0  # guidance scale folded into training; 1 disables it
     omega_max: float = 0.0  # if > omega, each example draws omega uniformly from [omega, omega_max]
+    kappa: float = 0.0  # share of the model's own u(z, t, t | c) in the guided target (learned scale omega/(1-kappa))
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # t range where omega and kappa apply
     normalizer: str = "minmax"
     norm_mean: tuple[float, ...] = ()  # per channel, mean_std only
     norm_std: tuple[float, ...] = ()  # per channel, mean_std only
     jvp: str = "forward"  # forward-mode torch.func.jvp, or double_backward (torch.autograd.functional.jvp)
+    prediction: str = "u"  # what the network outputs: u (the paper) or x (u = (z - x) / max(t, x_pred_t_min))
+    x_pred_t_min: float = 0.05  # floor of t in the division of the x parameterisation
     steps: int = 1  # sampling steps when sample() gets steps=None
 
     CHOICES: ClassVar[dict[str, tuple]] = {"time_sampling": TIME_SAMPLINGS, "normalizer": NORMALIZERS,
-                                           "jvp": JVP_MODES}
+                                           "jvp": JVP_MODES, "prediction": PREDICTIONS}
 
     def __post_init__(self):
         for key, allowed in self.CHOICES.items():
@@ -146,6 +156,15 @@ class MeanFlowConfig:
             raise ConfigError(f"cfg_drop_prob: must lie in [0, 1], got {self.cfg_drop_prob}")
         if self.omega <= 0:
             raise ConfigError(f"omega: must be positive (1 disables guidance in training), got {self.omega}")
+        if not (math.isfinite(self.kappa) and 0 <= self.kappa < 1):
+            raise ConfigError(f"kappa: must lie in [0, 1) (the learned guidance is omega / (1 - kappa)), "
+                              f"got {self.kappa}")
+        interval = tuple(self.guidance_interval)
+        if len(interval) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in interval) \
+                or not 0 <= interval[0] < interval[1] <= 1:
+            raise ConfigError(f"guidance_interval: must be [t_start, t_end] with 0 <= t_start < t_end <= 1, "
+                              f"got {list(interval)}")
+        self.guidance_interval = (float(interval[0]), float(interval[1]))
         if self.omega_max != 0 and self.omega_max < self.omega:
             raise ConfigError(f"omega_max: must be 0 (omega fixed) or at least omega={self.omega}, "
                               f"got {self.omega_max}")
@@ -160,11 +179,13 @@ class MeanFlowConfig:
                               "normalizer: mean_std")
         if self.steps < 1:
             raise ConfigError(f"steps: must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.x_pred_t_min) and 0 < self.x_pred_t_min <= 1):
+            raise ConfigError(f"x_pred_t_min: must lie in (0, 1], got {self.x_pred_t_min}")
 
     @property
     def guided(self) -> bool:
-        """Whether training folds guidance in (omega != 1 or a range of omegas)."""
-        return self.omega != 1 or self.omega_max > self.omega
+        """Whether training folds guidance in (omega != 1, a range of omegas, or kappa > 0)."""
+        return self.omega != 1 or self.omega_max > self.omega or self.kappa > 0
 
 
 @register_objective("meanflow", config=MeanFlowConfig,
@@ -231,27 +252,52 @@ class MeanFlowObjective:
         unit = torch.rand(n, generator=generator, device=generator.device if generator is not None else device)
         return (unit < self.config.cfg_drop_prob).to(device)
 
+    def average_velocity(self, model: Callable) -> Callable:
+        """The network as ``u(z, t, r)``: ``model`` itself with ``prediction: u``; with ``prediction: x``
+        the network's output is read as a clean image x and ``u = (z - x) / max(t, x_pred_t_min)``.
+
+        At r = 0 the x parameterisation is exact (``z_t - t u(z_t, t, 0) = z_0``), so one-step sampling
+        returns the network's output itself: the network need not carry the noise through its layers to
+        cancel it, which a u-predicting network in pixel space does imperfectly (grainy samples).
+        """
+        if self.config.prediction == "u":
+            return model
+        t_min = self.config.x_pred_t_min
+
+        def from_x(z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, **kwargs) -> torch.Tensor:
+            x = check_prediction(model(z, t, r, **kwargs), z, "meanflow")
+            return (z - x) / _per_example(t.clamp(min=t_min), z.ndim)
+
+        return from_x
+
     # ----------------------------------------------------------------- pieces of the loss
 
     @staticmethod
     def guided_velocity(model: Callable, z: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor,
                         omega: torch.Tensor, uncond_kwargs: dict, *, model_kwargs: dict | None = None,
-                        dropped: torch.Tensor | None = None) -> torch.Tensor:
-        """The paper's eq. 19: ``omega * v + (1 - omega) * u(z, t, t | null)``, and plain v where ``dropped``.
+                        dropped: torch.Tensor | None = None, kappa: torch.Tensor | None = None) -> torch.Tensor:
+        """The paper's eq. 19: ``omega * v + (1 - omega) * u(z, t, t | null)``, and plain v where ``dropped``;
+        with ``kappa``, ``omega * v + kappa * u(z, t, t | c) + (1 - omega - kappa) * u(z, t, t | null)``.
 
         Args:
             z, velocity: ``[N, C, ...]`` point on the path and its conditional velocity ``eps - x``.
-            t: ``[N]`` times; the unconditional call uses r = t (an instantaneous velocity).
+            t: ``[N]`` times; the model's calls use r = t (an instantaneous velocity).
             omega: ``[N]`` guidance scales.
             uncond_kwargs: the null condition, overriding ``model_kwargs`` in the unconditional call.
             dropped: ``[N]`` bool, examples trained without a condition, which keep their plain v.
+            kappa: ``[N]`` shares of the conditional prediction; None (or all zero) skips that call.
 
-        The unconditional prediction is a constant of the target: computed without gradients.
+        The model's predictions are constants of the target: computed without gradients.
         """
-        with torch.no_grad():
-            u_uncond = check_prediction(model(z, t, t, **{**(model_kwargs or {}), **uncond_kwargs}), z, "meanflow")
+        model_kwargs = model_kwargs or {}
         omega_N1 = _per_example(omega.to(device=z.device, dtype=z.dtype), z.ndim)
-        guided = omega_N1 * velocity + (1 - omega_N1) * u_uncond
+        with torch.no_grad():
+            u_uncond = check_prediction(model(z, t, t, **{**model_kwargs, **uncond_kwargs}), z, "meanflow")
+            guided = omega_N1 * velocity + (1 - omega_N1) * u_uncond
+            if kappa is not None and bool((kappa != 0).any()):
+                kappa_N1 = _per_example(kappa.to(device=z.device, dtype=z.dtype), z.ndim)
+                u_cond = check_prediction(model(z, t, t, **model_kwargs), z, "meanflow")
+                guided = guided + kappa_N1 * (u_cond - u_uncond)
         if dropped is None:
             return guided
         return torch.where(_per_example(dropped.to(z.device), z.ndim), velocity, guided)
@@ -325,6 +371,7 @@ class MeanFlowObjective:
             the batch with r != t).
         """
         cfg = self.config
+        model = self.average_velocity(model)
         model_kwargs = dict(model_kwargs or {})
         x = self.norm(x_start)
         n = x.shape[0]
@@ -341,8 +388,12 @@ class MeanFlowObjective:
                 model_kwargs = select_condition(dropped, model_kwargs, uncond_kwargs)
             if cfg.guided:
                 omega = self.sample_omega(n, generator=generator, device=x.device)
+                t_start, t_end = cfg.guidance_interval
+                inside = (t >= t_start) & (t <= t_end)
+                omega = torch.where(inside, omega.to(t.dtype), torch.ones_like(t))
+                kappa = torch.where(inside, torch.full_like(t, cfg.kappa), torch.zeros_like(t)) if cfg.kappa else None
                 velocity = self.guided_velocity(model, z, t, velocity, omega, uncond_kwargs,
-                                                model_kwargs=model_kwargs, dropped=dropped)
+                                                model_kwargs=model_kwargs, dropped=dropped, kappa=kappa)
         u, u_tgt = self.prediction_and_target(model, z, t, r, velocity, model_kwargs)
         delta_sq = mean_flat((u - u_tgt) ** 2)  # [N]
         weight = self.adaptive_weight(delta_sq)
@@ -383,6 +434,7 @@ class MeanFlowObjective:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer of at least 1, got {steps!r}")
         model_kwargs = model_kwargs or {}
+        model = self.average_velocity(model)
         times = [1.0 - i / steps for i in range(steps)] + [0.0]
         z = noise
         for i in _steps_bar(steps, progress):
