@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from zoo.config import ConfigError
-from zoo.data.photos import TRAIN_IMAGES, VAL_IMAGES, bicubic_upsample, degrade
+from zoo.data.photos import TRAIN_IMAGES, VAL_IMAGES, bicubic_upsample, degrade, photo
 from zoo.data.transforms import to_tensor_pm1
 from zoo.registry import create_dataset
 
@@ -17,14 +17,45 @@ def test_train_and_validation_photographs_are_disjoint():
     assert val.names == list(VAL_IMAGES) and len(val) == 2 * 4
 
 
-def test_items_pair_an_hr_patch_with_its_bicubic_lr_patch():
-    data = create_dataset("photos", image_size=16, scale=4, random_flip=False, patches_per_image=2)
-    hr, cond = data[0]
-    assert hr.shape == (3, 16, 16) and cond["lr"].shape == (3, 4, 4) and int(cond["label"]) == 0
-    assert -1 <= hr.min() and hr.max() <= 1
-    hr_uint8 = np.round((hr.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
-    expected = to_tensor_pm1(np.asarray(degrade(Image.fromarray(hr_uint8), 4, "bicubic")))
-    torch.testing.assert_close(cond["lr"], expected)
+def test_items_pair_an_hr_patch_with_the_matching_crop_of_the_whole_photographs_bicubic_lr():
+    data = create_dataset("photos", image_size=16, scale=4, random_flip=False, patches_per_image=4)
+    differs_from_a_downscaled_patch = 0
+    for index in range(8):
+        hr, cond = data[index]
+        assert hr.shape == (3, 16, 16) and cond["lr"].shape == (3, 4, 4) and int(cond["label"]) == 0
+        assert -1 <= hr.min() and hr.max() <= 1
+        image_index, top, left, _, _ = data._locate(index)
+        name = TRAIN_IMAGES[image_index]
+        whole = photo(name)[:photo(name).shape[0] // 4 * 4, :photo(name).shape[1] // 4 * 4]
+        lr_whole = np.asarray(degrade(Image.fromarray(np.ascontiguousarray(whole)), 4, "bicubic"))
+        torch.testing.assert_close(hr, to_tensor_pm1(whole[top:top + 16, left:left + 16]))
+        torch.testing.assert_close(cond["lr"], to_tensor_pm1(lr_whole[top // 4:top // 4 + 4, left // 4:left // 4 + 4]))
+        hr_uint8 = np.round((hr.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        alone = to_tensor_pm1(np.asarray(degrade(Image.fromarray(hr_uint8), 4, "bicubic")))
+        differs_from_a_downscaled_patch += not torch.allclose(cond["lr"], alone)
+    assert differs_from_a_downscaled_patch  # a patch downscaled alone treats its edges as the image's border
+
+
+def test_random_rotate_turns_hr_and_lr_together_by_quarter_turns():
+    plain = create_dataset("photos", image_size=16, scale=4, random_flip=False, patches_per_image=8)
+    turned = create_dataset("photos", image_size=16, scale=4, random_flip=False, random_rotate=True,
+                            patches_per_image=8)
+    seen = set()
+    for index in range(24):
+        (hr, cond), (hr_r, cond_r) = plain[index], turned[index]
+        turns = next(k for k in range(4) if torch.equal(torch.rot90(hr, k, dims=(-2, -1)), hr_r))
+        torch.testing.assert_close(cond_r["lr"], torch.rot90(cond["lr"], turns, dims=(-2, -1)))
+        seen.add(turns)
+    assert seen == {0, 1, 2, 3}
+
+
+def test_image_scales_add_downscaled_copies_of_the_training_photographs():
+    data = create_dataset("photos", image_size=16, image_scales=[1.0, 0.5], patches_per_image=2)
+    assert data.names == list(TRAIN_IMAGES) + [f"{name}@0.5" for name in TRAIN_IMAGES]
+    assert len(data) == 2 * len(TRAIN_IMAGES) * 2
+    full, half = data.images[0], data.images[len(TRAIN_IMAGES)]
+    assert half.shape[:2] == (full.shape[0] // 2, full.shape[1] // 2)
+    assert create_dataset("photos", split="val", image_scales=[1.0, 0.5]).names == list(VAL_IMAGES)
 
 
 def test_patches_are_a_function_of_seed_epoch_and_index():
@@ -67,6 +98,9 @@ def test_config_errors_name_the_key():
         create_dataset("photos", image_size=18, scale=4)
     with pytest.raises(ConfigError, match="scale"):
         create_dataset("photos", scale=3)
+    for bad in ([], [1.5], [0.0]):
+        with pytest.raises(ConfigError, match=r"image_scales: must be a non-empty list of factors in \(0, 1\]"):
+            create_dataset("photos", image_scales=bad)
 
 
 def _write(folder, name, array):
@@ -97,3 +131,7 @@ def test_pairs_errors_name_the_folder_and_file(tmp_path):
     _write(tmp_path / "lr", "a.png", np.zeros((5, 5, 3), np.uint8))
     with pytest.raises(ConfigError, match="expected 16x16"):
         create_dataset("pairs", hr_root=str(tmp_path / "hr"), lr_root=str(tmp_path / "lr"), image_size=16, scale=2)
+    _write(tmp_path / "lr", "a.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ConfigError, match="data.image_scales: the LR images of lr_root belong to the full-size"):
+        create_dataset("pairs", hr_root=str(tmp_path / "hr"), lr_root=str(tmp_path / "lr"), image_size=16, scale=2,
+                       image_scales=[1.0, 0.5])

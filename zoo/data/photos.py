@@ -86,6 +86,22 @@ def degrade(hr: Image.Image, scale: int, kind: str, rng: np.random.Generator | N
         return decoded.convert(hr.mode)
 
 
+def _rescaled(images: list[np.ndarray], names: list[str], factors: tuple[float, ...]):
+    """The images and, for each factor below 1, each image downscaled by it (PIL bicubic, antialiased):
+    a photograph seen from further away is one more scene to learn from, with the same kind of detail."""
+    out_images, out_names = [], []
+    for factor in factors:
+        for arr, name in zip(images, names):
+            if factor == 1.0:
+                out_images.append(arr)
+                out_names.append(name)
+                continue
+            size = (max(1, round(arr.shape[1] * factor)), max(1, round(arr.shape[0] * factor)))
+            out_images.append(np.asarray(Image.fromarray(arr).resize(size, resample=Image.BICUBIC)))
+            out_names.append(f"{name}@{factor:g}")
+    return out_images, out_names
+
+
 @functools.lru_cache(maxsize=32)
 def photo(name: str) -> np.ndarray:
     """A scikit-image photograph by name as uint8 HWC RGB (grey ones replicated to 3 channels)."""
@@ -117,6 +133,8 @@ class SRConfig:
     negative_rate: float = 0.0  # fraction of items turned into low-quality targets (label 1) for image CFG
     patches_per_image: int = 64  # random crops per image and epoch (val: a fixed grid of at most this many)
     random_flip: bool = True
+    random_rotate: bool = False  # also a random quarter turn: with random_flip, the 8 symmetries of the square
+    image_scales: tuple[float, ...] = (1.0,)  # training photographs also downscaled by these factors (more scenes)
     channels: int = 3
     seed: int = 0
 
@@ -132,6 +150,10 @@ class SRConfig:
             raise ConfigError(f"negative_rate: must be in [0, 1), got {self.negative_rate}")
         if self.patches_per_image < 1:
             raise ConfigError(f"patches_per_image: must be >= 1, got {self.patches_per_image}")
+        scales = tuple(self.image_scales)
+        if not scales or not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in scales):
+            raise ConfigError(f"image_scales: must be a non-empty list of factors in (0, 1], got {list(scales)}")
+        self.image_scales = tuple(float(f) for f in scales)
 
 
 class SRPatches(ImageDataset):
@@ -147,8 +169,19 @@ class SRPatches(ImageDataset):
         self.config = config
         self.image_size, self.channels, self.scale = config.image_size, config.channels, config.scale
         self.validation = validation
+        if not validation and config.image_scales != (1.0,):
+            if lr_images is not None:
+                raise ConfigError("data.image_scales: the LR images of lr_root belong to the full-size photographs; "
+                                  "leave image_scales at [1.0] with lr_root")
+            images, names = _rescaled(images, names, config.image_scales)
         self.names = names
         self.images, self.lr_images = [], []
+        if lr_images is None and config.degradation == "bicubic":
+            # LR patches are crops of the whole photograph's LR, exactly as zoo-upscale --eval makes them
+            # (downscaling each HR patch on its own would treat its edges as the image's border).
+            images = [np.ascontiguousarray(arr[:arr.shape[0] // self.scale * self.scale,
+                                               :arr.shape[1] // self.scale * self.scale]) for arr in images]
+            lr_images = [np.asarray(degrade(Image.fromarray(arr), self.scale, "bicubic")) for arr in images]
         for i, (arr, name) in enumerate(zip(images, names)):
             if min(arr.shape[:2]) < config.image_size:
                 raise ConfigError(f"data: image {name!r} is {arr.shape[1]}x{arr.shape[0]}, smaller than "
@@ -195,6 +228,7 @@ class SRPatches(ImageDataset):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         cfg = self.config
         image_index, top, left, flip, rng = self._locate(index)
+        turns = int(rng.integers(0, 4)) if cfg.random_rotate and not self.validation else 0
         s = self.image_size
         hr = Image.fromarray(self.images[image_index][top:top + s, left:left + s])
         if self.lr_images:
@@ -207,6 +241,8 @@ class SRPatches(ImageDataset):
         hr_t, lr_t = to_tensor_pm1(np.asarray(hr)), to_tensor_pm1(np.asarray(lr))
         if flip:
             hr_t, lr_t = hr_t.flip(-1), lr_t.flip(-1)
+        if turns:
+            hr_t, lr_t = torch.rot90(hr_t, turns, dims=(-2, -1)), torch.rot90(lr_t, turns, dims=(-2, -1))
         label = 0
         if cfg.negative_rate > 0 and not self.validation and rng.uniform() < cfg.negative_rate:
             hr_t, label = bicubic_upsample(lr_t[None], (s, s))[0], NEGATIVE_LABEL
