@@ -162,6 +162,38 @@ def test_loss_adds_the_weighted_refiner_loss_and_trains_the_refiner():
     assert model.blocks[0].attn.mat_qkv.weight.grad.abs().sum() > 0  # the refiner's condition is not detached
 
 
+def test_mean_token_weight_adds_the_squared_distance_of_the_expected_code_vector_to_the_true_one():
+    model, tok = tiny_model(refiner=False, mean_token_weight=5.0), tiny_tokenizer()
+    model.attach_tokenizer(tok)
+    tok.quantize.embedding.weight.requires_grad_(True)
+    inputs = model.training_inputs(tok, torch.rand(2, 3, 16, 16) * 2 - 1)
+    cond = {"lr": torch.rand(2, 3, 4, 4) * 2 - 1, "label": torch.tensor([0, 0])}
+    terms = model.loss(inputs, cond)
+    logits_BLV, _, _ = model.forward_hidden(inputs[1], cond["label"], cond["lr"])
+    codes_VC = tok.quantize.embedding.weight
+    expected_BLC = logits_BLV.softmax(dim=-1) @ codes_VC
+    by_hand = (expected_BLC - codes_VC[inputs[0]]).pow(2).sum(dim=-1).mean()  # uniform weights: a mean over tokens
+    torch.testing.assert_close(terms["mean_token"], by_hand.detach())
+    torch.testing.assert_close(terms["loss"].detach(), terms["ce"] + 5.0 * by_hand.detach())
+    terms["loss"].backward()
+    assert tok.quantize.embedding.weight.grad is None  # the codebook is the tokenizer's: a constant here
+
+
+def test_kaiming_stem_init_lets_the_lr_image_through_at_initialisation():
+    lr = torch.rand(8, 3, 4, 4) * 2 - 1
+    release, kaiming = tiny_model(), tiny_model(stem_init="kaiming")
+    with torch.no_grad():
+        # Across patches: how much of the LR image the prefix tokens carry, next to the position table.
+        carried = {name: model.lr_features(lr).std(dim=0).mean().item() for name, model in
+                   (("release", release), ("kaiming", kaiming))}
+    position = release.pos_start.std().item()
+    assert carried["release"] < 1e-3 * position < carried["kaiming"]
+    assert carried["kaiming"] > 0.1 * position
+    for conv in release.con_embedding.modules():  # the release's init is unchanged by the option's existence
+        if isinstance(conv, torch.nn.Conv2d):
+            assert conv.weight.std().item() < 0.03
+
+
 def test_refiner_changes_the_sampled_features():
     model, tok = tiny_model().eval(), tiny_tokenizer()
     with torch.no_grad():
@@ -228,5 +260,7 @@ def test_config_errors_name_the_field():
         tiny_model(patch_nums=(2, 4))
     with pytest.raises(ConfigError, match="divisible by 4"):
         tiny_model(embed_dim=36, num_heads=6)
+    with pytest.raises(ConfigError, match="mean_token_weight must be >= 0"):
+        tiny_model(mean_token_weight=-1.0)
     with pytest.raises(ValueError, match=r"low-resolution images \(B, 3, h, w\)"):
         tiny_model().split_cond(torch.zeros(3, 4, 4))

@@ -97,15 +97,17 @@ class VARSRConfig(VARSizes):
     refiner_scale: float = 0.6  # the release's vae_scale: the head models residual / refiner_scale
     phi_last_scale: bool = True  # False: VARSR's VQVAE, whose last scale skips Φ
     residual_gain: float = 0.0  # > 0: the tokens encode (HR - bicubic(LR)) * gain (data.target: residual)
+    mean_token_weight: float = 0.0  # > 0: also regress each token's expected code vector on the true code's
     label_smooth: float = 0.0
     loss_weighting: str = "uniform"
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0
+    stem_init: str = "release"  # release: every stem conv ~ N(0, 0.02); kaiming: variance-preserving (see init_weights)
 
     CHOICES = {"cond_mode": ("prefix", "cross"), "loss_weighting": ("uniform", "per_scale"),
-               "image_channels": (1, 3)}
+               "stem_init": ("release", "kaiming"), "image_channels": (1, 3)}
 
     def __post_init__(self):
         for name in ("depth", "Cvae", "refiner_depth", "refiner_width", "refiner_batch_mul"):
@@ -125,8 +127,9 @@ class VARSRConfig(VARSizes):
         for name in ("drop_rate", "attn_drop_rate", "label_smooth"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.residual_gain < 0 or self.refiner_weight < 0 or self.refiner_scale <= 0:
-            raise ConfigError("residual_gain and refiner_weight must be >= 0 and refiner_scale > 0")
+        if self.residual_gain < 0 or self.refiner_weight < 0 or self.refiner_scale <= 0 or self.mean_token_weight < 0:
+            raise ConfigError(f"residual_gain, refiner_weight and mean_token_weight must be >= 0 and refiner_scale > 0; got "
+                              f"{self.residual_gain}, {self.refiner_weight}, {self.mean_token_weight} and {self.refiner_scale}")
 
     @property
     def stem_stride(self) -> int:
@@ -311,6 +314,15 @@ class VARSR(SamplesThroughMSVQ, nn.Module):
             elif isinstance(m, nn.Conv2d):
                 nn.init.trunc_normal_(m.weight.data, std=0.02)
                 m.bias.data.zero_()
+        if cfg.stem_init == "kaiming":
+            # The release's std 0.02 shrinks the signal ~3x per stem conv: at init the LR features are
+            # ~1e-5 against a position table of ~0.07, and the transformer sees next to nothing of the
+            # LR image until the stem has grown, which a short CPU run never gives it (docs/var-sr.md).
+            convs = [c for c in self.con_embedding.modules() if isinstance(c, nn.Conv2d)]
+            for conv in convs:
+                last = conv is convs[-1]  # SiLU follows every conv but the last
+                nn.init.kaiming_normal_(conv.weight.data, nonlinearity="linear" if last else "relu")
+                conv.bias.data.zero_()
         if cfg.init_head >= 0:
             self.head.weight.data.mul_(cfg.init_head)
             self.head.bias.data.zero_()
@@ -470,6 +482,18 @@ class VARSR(SamplesThroughMSVQ, nn.Module):
         ce = ce_BL.mul(self.loss_weight_1L).sum(dim=-1).mean()
         terms = {"ce": ce.detach()}
         loss = ce
+        if self.config.mean_token_weight > 0:
+            if self.tokenizer is None:
+                raise ValueError("var-sr with mean_token_weight > 0 needs the tokenizer: call attach_tokenizer or "
+                                 "training_inputs")
+            # What mean_tokens decoding adds at each position is the expected code vector; cross-entropy
+            # only rewards the true code's probability, this term rewards mass on codes near it.
+            embedding_VC = self.tokenizer.quantize.embedding.weight.detach().float()
+            expected_BLC = logp_BLV.exp() @ embedding_VC
+            sq_BL = (expected_BLC - F.embedding(gt_BL, embedding_VC)).pow(2).sum(dim=-1)
+            mean_token = sq_BL.mul(self.loss_weight_1L).sum(dim=-1).mean()
+            loss = loss + self.config.mean_token_weight * mean_token
+            terms["mean_token"] = mean_token.detach()
         if self.config.refiner:
             if not rest:
                 raise ValueError("var-sr with refiner: true needs the last scale's residual; the trainer gets it "
