@@ -353,14 +353,6 @@ def test_kappa_mixes_in_the_conditional_average_velocity_at_r_equal_t():
     assert [seen.tolist() for seen in model.seen] == [[9, 9, 9, 9], [0, 1, 2, 3]]
 
 
-def test_a_fixed_point_of_the_kappa_target_is_guidance_omega_over_one_minus_kappa():
-    # u = omega v_c + kappa u + (1 - omega - kappa) v_u  =>  u = v_u + omega / (1 - kappa) (v_c - v_u)
-    v_c, v_u = torch.tensor(1.3), torch.tensor(-0.4)
-    omega, kappa = 0.75, 0.5
-    u = v_u + omega / (1 - kappa) * (v_c - v_u)
-    torch.testing.assert_close(omega * v_c + kappa * u + (1 - omega - kappa) * v_u, u)
-
-
 def test_guidance_applies_only_inside_its_interval_of_t():
     obj = objective(omega=3.0, kappa=0.5, guidance_interval=[0.0, 0.5], cfg_drop_prob=0.0, equal_fraction=1.0,
                     adaptive_gamma=1.0, time_sampling="uniform")

@@ -9,7 +9,7 @@ from zoo.cli.upscale import main
 from zoo.data.photos import bicubic_upsample
 from zoo.hub.model_dir import model_config_dict, save_model_dir
 from zoo.recipe import recipe_from_dict
-from zoo.upscale import SRModel, dihedral, tile_starts, upscale_tiled
+from zoo.upscale import SRModel, crop_grid, detail_window, dihedral, tile_starts, upscale_tiled
 
 
 def test_tiles_cover_the_image_and_end_flush_with_its_border():
@@ -137,9 +137,35 @@ def test_eval_prints_psnr_and_ssim_beside_bicubic(model_dir, tmp_path, capsys):
     rng = np.random.default_rng(1)
     for name in ("a.png", "b.png"):
         Image.fromarray(rng.integers(0, 256, (18, 21, 3), dtype=np.uint8)).save(folder / name)
-    assert main([model_dir, "--eval", str(folder)]) == 0
+    grid = tmp_path / "grid.png"
+    assert main([model_dir, "--eval", str(folder), "--grid", str(grid)]) == 0
     out = capsys.readouterr().out
     assert "a.png: 20x16" in out and "bicubic PSNR" in out and "mean over 2 images" in out
+    assert f"crop grid (LR, bicubic, zoo, HR): {grid}" in out
+    with Image.open(grid) as image:  # two rows of four 16-px crops enlarged 3x, with a margin for names
+        assert image.width > 4 * 48 and 2 * 48 < image.height < 3 * 48
+    assert main([model_dir, "--eval", str(folder), "--grid", str(tmp_path / "grid.jpg")]) == 2
+    assert "--grid" in capsys.readouterr().err
+
+
+def test_detail_window_finds_where_bicubic_misses_the_most():
+    hr = np.zeros((40, 48, 3), np.uint8)
+    bicubic = hr.copy()
+    hr[24:32, 30:38] = 200  # the only place bicubic is wrong
+    top, left = detail_window(hr, bicubic, 16)
+    assert top <= 24 and top + 16 >= 32 and left <= 30 and left + 16 >= 38
+
+
+def test_crop_grid_rows_show_lr_bicubic_model_and_hr_of_one_window(tmp_path):
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    arrays = {"lr": hr[::4, ::4], "bicubic": np.zeros_like(hr), "model": np.full_like(hr, 128), "hr": hr}
+    path = crop_grid([("x", arrays)], str(tmp_path / "g.png"), scale=4, side=16, zoom=2)
+    top, left = detail_window(hr, arrays["bicubic"], 16)
+    with Image.open(path) as image:
+        grid = np.asarray(image.convert("RGB"))
+    hr_panel = grid[-2 - 32:-2, -2 - 32:-2]  # the last column, 16 px enlarged 2x, above the bottom padding
+    np.testing.assert_array_equal(hr_panel[::2, ::2], hr[top:top + 16, left:left + 16])
 
 
 def test_eval_photos_uses_the_validation_photographs(model_dir, tmp_path, monkeypatch, capsys):
@@ -147,3 +173,4 @@ def test_eval_photos_uses_the_validation_photographs(model_dir, tmp_path, monkey
     assert main([model_dir, "--eval", "photos", "--crop", "24", "--ensemble", "2"]) == 0
     out = capsys.readouterr().out
     assert "chelsea: 24x24" in out and "clock: 24x24" in out and "mean over 2 images" in out
+    assert (tmp_path / "upscale_eval.png").is_file()  # the default crop grid

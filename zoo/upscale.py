@@ -25,7 +25,7 @@ from zoo.data.transforms import to_tensor_pm1, to_uint8
 from zoo.progress import progress_bar
 
 __all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "SRModel", "read_image", "upscale_file",
-           "psnr_ssim", "evaluate_folder", "mean_scores"]
+           "psnr_ssim", "evaluate_folder", "mean_scores", "detail_window", "crop_grid"]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -214,12 +214,14 @@ VALIDATION_PHOTOS = "photos"  # --eval photos: the ``photos`` dataset's validati
 
 
 def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int | None = None,
-                    ensemble: int | None = None, seed: int = 0, batch_size: int = 16, **sampling) -> list[dict]:
+                    ensemble: int | None = None, seed: int = 0, batch_size: int = 16,
+                    on_image: Callable[[str, dict], None] | None = None, **sampling) -> list[dict]:
     """For each image of ``hr_dir``: LR by bicubic downscaling (as the ``photos`` data), then PSNR/SSIM
     of the model's and of bicubic upsampling's results against the HR image. ``hr_dir`` ``"photos"``
     (when no such folder exists) means the ``photos`` dataset's validation photographs (chelsea and
     clock, from scikit-image). ``crop`` > 0 first centre-crops each HR image to at most crop x crop
-    pixels (a faster check on a CPU)."""
+    pixels (a faster check on a CPU). ``on_image(name, images)`` receives each image's uint8 HWC
+    ``lr``, ``bicubic``, ``model`` and ``hr`` arrays (what :func:`crop_grid` shows)."""
     rows = []
     for name, rgb in progress_bar(list(_hr_images(hr_dir)), desc="evaluating", unit="image"):
         if crop:
@@ -233,9 +235,55 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
         bicubic = to_uint8(bicubic_upsample(lr[None], (h, w)))[0]
         model_psnr, model_ssim = psnr_ssim(sr, hr)
         base_psnr, base_ssim = psnr_ssim(bicubic, hr)
+        if on_image is not None:
+            on_image(name, {"lr": to_uint8(lr[None])[0], "bicubic": bicubic, "model": sr, "hr": hr})
         rows.append({"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
                      "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim})
     return rows
+
+
+def detail_window(hr: np.ndarray, bicubic: np.ndarray, side: int) -> tuple[int, int]:
+    """(top, left) of the side x side window (on a side/4 grid) where bicubic upsampling misses the most
+    (the largest sum of |HR − bicubic|): where a super-resolution model has something to show."""
+    error = np.abs(hr.astype(np.float64) - bicubic.astype(np.float64)).sum(axis=2)
+    h, w = error.shape
+    side = min(side, h, w)
+    integral = np.pad(error.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    best, where = -1.0, (0, 0)
+    step = max(1, side // 4)
+    for top in range(0, h - side + 1, step):
+        for left in range(0, w - side + 1, step):
+            total = (integral[top + side, left + side] - integral[top, left + side] - integral[top + side, left]
+                     + integral[top, left])
+            if total > best:
+                best, where = total, (top, left)
+    return where
+
+
+def crop_grid(images: list[tuple[str, dict]], path: str, *, scale: int, side: int = 64, zoom: int = 3) -> str:
+    """A PNG at ``path`` with one row per image (``evaluate_folder``'s ``on_image`` arrays) and the columns
+    LR (enlarged, nearest), bicubic, model and HR, each the same side x side HR crop (:func:`detail_window`)
+    enlarged ``zoom`` times so pixels can be seen. Returns the path."""
+    from zoo.eval.report import comparison_grid
+    from zoo.io import atomic_write
+
+    def as_tensor(array: np.ndarray) -> torch.Tensor:  # (1, C, H, W) in [-1, 1]
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    rows, names = [], []
+    for name, arrays in images:
+        hr = arrays["hr"]
+        crop = min(side, hr.shape[0], hr.shape[1]) // scale * scale
+        top, left = (v // scale * scale for v in detail_window(hr, arrays["bicubic"], crop))
+        lr = arrays["lr"][top // scale:(top + crop) // scale, left // scale:(left + crop) // scale]
+        panels = [as_tensor(lr)] + [as_tensor(arrays[key][top:top + crop, left:left + crop])
+                                    for key in ("bicubic", "model", "hr")]
+        rows.append(torch.cat([torch.nn.functional.interpolate(p, size=(crop * zoom, crop * zoom), mode="nearest")
+                               for p in panels]))
+        names.append(f"{name} ({left},{top})")
+    grid, _ = comparison_grid(rows, names, ["LR", "bicubic", "zoo", "HR"], tile=max(r.shape[-1] for r in rows))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
 
 
 SCORE_KEYS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print PSNR and SSIM of the model and of bicubic upsampling against the HR images of this "
                         "folder, or of the photos dataset's validation photographs with --eval photos")
     p.add_argument("--crop", type=int, default=0, help="with --eval: centre-crop each HR image to at most N x N")
+    p.add_argument("--grid", default="upscale_eval.png", metavar="PNG",
+                   help="with --eval: where to write the crop grid (LR, bicubic, zoo, HR of each image's most "
+                        "detailed 64-px window, enlarged 3x; default upscale_eval.png; '' skips it)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda if available)")
     add_quiet(p)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         import torch
 
-        from zoo.upscale import SRModel, evaluate_folder, mean_scores, upscale_file
+        from zoo.upscale import SRModel, crop_grid, evaluate_folder, mean_scores, upscale_file
 
         if args.input is None and args.eval_dir is None:
             raise ValueError("give an INPUT image (with --out) or --eval HR_DIR")
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--out OUTPUT.png is required with an INPUT image")
         if args.out and not args.out.lower().endswith(".png"):
             raise ValueError(f"--out {args.out}: the output is written as PNG; name it *.png")
+        if args.eval_dir is not None and args.grid and not args.grid.lower().endswith(".png"):
+            raise ValueError(f"--grid {args.grid}: the crop grid is written as PNG; name it *.png")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = SRModel.load(args.model_dir, weights=args.weights, device=device)
         if args.scale is not None and args.scale != model.scale:
@@ -78,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             width, height = upscale_file(model, args.input, args.out, **common)
             print(f"wrote {args.out} ({width}x{height}, x{model.scale})")
         if args.eval_dir is not None:
-            rows = evaluate_folder(model, args.eval_dir, crop=args.crop, **common)
+            shown = []
+            rows = evaluate_folder(model, args.eval_dir, crop=args.crop,
+                                   on_image=(lambda name, arrays: shown.append((name, arrays))) if args.grid else None,
+                                   **common)
             for row in rows:
                 print(f"{row['image']}: {row['size'][0]}x{row['size'][1]}  model PSNR {row['psnr']:.2f} dB  "
                       f"SSIM {row['ssim']:.4f}  |  bicubic PSNR {row['bicubic_psnr']:.2f} dB  "
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             mean = mean_scores(rows)
             print(f"mean over {len(rows)} images: model PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  |  "
                   f"bicubic PSNR {mean['bicubic_psnr']:.2f} dB  SSIM {mean['bicubic_ssim']:.4f}")
+            if args.grid:
+                print(f"crop grid (LR, bicubic, zoo, HR): {crop_grid(shown, args.grid, scale=model.scale)}")
             print(json.dumps({"images": rows, "mean": mean}))
         return 0
 
