@@ -110,8 +110,13 @@ def test_mars_per_token_head_and_the_var_sr_refiner_sample_with_the_solvers():
     z = torch.randn(6, model.diffloss.net.cond_embed.in_features)
     tokens = model.diffloss.sample(z, sampler="unipc", num_sampling_steps=6, generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (6, model.diffloss.in_channels)
-    with pytest.raises(ValueError, match="deterministic probability-flow ODE"):
-        model.diffloss.sample(z, temperature=0.5, sampler="dpm++2m")
+    # An ODE solver adds no noise after the start: temperature scales the starting noise.
+    cold = model.diffloss.sample(z, temperature=0.5, sampler="dpm++2m", num_sampling_steps=6,
+                                 generator=torch.Generator().manual_seed(0))
+    start = torch.randn(6, model.diffloss.in_channels, generator=torch.Generator().manual_seed(0)) * 0.5
+    by_hand = model.diffloss.objective.sample(model.diffloss.net.forward, start, sampler="dpm++2m", steps=6,
+                                              model_kwargs=dict(c=z))
+    torch.testing.assert_close(cold, by_hand)
 
 
 def test_zoo_sample_help_lists_the_solvers(capsys):

@@ -128,8 +128,9 @@ class VARSRConfig(VARSizes):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.residual_gain < 0 or self.refiner_weight < 0 or self.refiner_scale <= 0 or self.mean_token_weight < 0:
-            raise ConfigError(f"residual_gain, refiner_weight and mean_token_weight must be >= 0 and refiner_scale > 0; got "
-                              f"{self.residual_gain}, {self.refiner_weight}, {self.mean_token_weight} and {self.refiner_scale}")
+            raise ConfigError(f"residual_gain, refiner_weight and mean_token_weight must be >= 0 and "
+                              f"refiner_scale > 0; got {self.residual_gain}, {self.refiner_weight}, "
+                              f"{self.mean_token_weight} and {self.refiner_scale}")
 
     @property
     def stem_stride(self) -> int:

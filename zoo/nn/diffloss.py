@@ -192,8 +192,10 @@ class DiffLoss(nn.Module):
 
         With ``cfg != 1`` the batch is [conditional; unconditional] halves that share their starting
         noise and are guided by :meth:`SimpleMLPAdaLN.forward_with_cfg`. ``temperature`` scales the
-        per-step noise only. All draws come from ``generator`` (the global RNG when None): the
-        starting noise, then one normal draw per step (also at the last step, where it is unused).
+        per-step noise of ``ddpm`` (the release's; not the starting noise); the other samplers add no
+        noise after the start, so for them it scales the starting noise (a flow's temperature). All
+        draws come from ``generator`` (the global RNG when None): the starting noise, then one
+        normal draw per step (also at the last step, where it is unused).
         ``clip_denoised`` clips each step's x0 prediction to [-1, 1]: off in the release (latent
         tokens); for pixel tokens it keeps an imperfect head from blowing up at the first steps,
         where the cosine schedule divides by sqrt(alpha_bar) ~ 1e-4.
@@ -211,8 +213,8 @@ class DiffLoss(nn.Module):
             model_fn, model_kwargs = self.net.forward, dict(c=z)
         if sampler != "ddpm":
             steps = self.num_sampling_steps if num_sampling_steps is None else num_sampling_steps
-            return self.objective.sample(model_fn, noise, sampler=sampler, steps=steps, model_kwargs=model_kwargs,
-                                         clip_denoised=clip_denoised, temperature=temperature, generator=generator)
+            return self.objective.sample(model_fn, noise * temperature, sampler=sampler, steps=steps,
+                                         model_kwargs=model_kwargs, clip_denoised=clip_denoised, generator=generator)
         return diffusion.p_sample_loop(model_fn, tuple(noise.shape), noise=noise, clip_denoised=clip_denoised,
                                        model_kwargs=model_kwargs, device=z.device, temperature=temperature,
                                        generator=generator)
