@@ -229,14 +229,15 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
             rgb = rgb[top:top + crop, left:left + crop]
         h, w = rgb.shape[0] // model.scale * model.scale, rgb.shape[1] // model.scale * model.scale
         hr = np.ascontiguousarray(rgb[:h, :w])
-        lr = to_tensor_pm1(np.asarray(degrade(Image.fromarray(hr), model.scale, "bicubic")))
+        lr_image = np.asarray(degrade(Image.fromarray(hr), model.scale, "bicubic"))
+        lr = to_tensor_pm1(lr_image)
         sr = to_uint8(model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size,
                                      **sampling)[None])[0]
         bicubic = to_uint8(bicubic_upsample(lr[None], (h, w)))[0]
         model_psnr, model_ssim = psnr_ssim(sr, hr)
         base_psnr, base_ssim = psnr_ssim(bicubic, hr)
         if on_image is not None:
-            on_image(name, {"lr": to_uint8(lr[None])[0], "bicubic": bicubic, "model": sr, "hr": hr})
+            on_image(name, {"lr": lr_image, "bicubic": bicubic, "model": sr, "hr": hr})
         rows.append({"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
                      "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim})
     return rows
@@ -249,15 +250,12 @@ def detail_window(hr: np.ndarray, bicubic: np.ndarray, side: int) -> tuple[int, 
     h, w = error.shape
     side = min(side, h, w)
     integral = np.pad(error.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    best, where = -1.0, (0, 0)
     step = max(1, side // 4)
-    for top in range(0, h - side + 1, step):
-        for left in range(0, w - side + 1, step):
-            total = (integral[top + side, left + side] - integral[top, left + side] - integral[top + side, left]
-                     + integral[top, left])
-            if total > best:
-                best, where = total, (top, left)
-    return where
+    # Sums of every side x side window from the integral image, on the step grid.
+    totals = (integral[side:, side:] - integral[:-side, side:] - integral[side:, :-side]
+              + integral[:-side, :-side])[::step, ::step]
+    top, left = np.unravel_index(np.argmax(totals), totals.shape)
+    return int(top) * step, int(left) * step
 
 
 def crop_grid(images: list[tuple[str, dict]], path: str, *, scale: int, side: int = 64, zoom: int = 3) -> str:
@@ -267,17 +265,14 @@ def crop_grid(images: list[tuple[str, dict]], path: str, *, scale: int, side: in
     from zoo.eval.report import comparison_grid
     from zoo.io import atomic_write
 
-    def as_tensor(array: np.ndarray) -> torch.Tensor:  # (1, C, H, W) in [-1, 1]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].float() / 127.5 - 1
-
     rows, names = [], []
     for name, arrays in images:
         hr = arrays["hr"]
         crop = min(side, hr.shape[0], hr.shape[1]) // scale * scale
         top, left = (v // scale * scale for v in detail_window(hr, arrays["bicubic"], crop))
         lr = arrays["lr"][top // scale:(top + crop) // scale, left // scale:(left + crop) // scale]
-        panels = [as_tensor(lr)] + [as_tensor(arrays[key][top:top + crop, left:left + crop])
-                                    for key in ("bicubic", "model", "hr")]
+        panels = [to_tensor_pm1(lr)[None]] + [to_tensor_pm1(arrays[key][top:top + crop, left:left + crop])[None]
+                                              for key in ("bicubic", "model", "hr")]
         rows.append(torch.cat([torch.nn.functional.interpolate(p, size=(crop * zoom, crop * zoom), mode="nearest")
                                for p in panels]))
         names.append(f"{name} ({left},{top})")
