@@ -483,10 +483,10 @@ class VARSR(SamplesThroughMSVQ, nn.Module):
         ce = ce_BL.mul(self.loss_weight_1L).sum(dim=-1).mean()
         terms = {"ce": ce.detach()}
         loss = ce
+        if (self.config.mean_token_weight > 0 or self.config.refiner) and self.tokenizer is None:
+            raise ValueError("var-sr with mean_token_weight > 0 or refiner: true needs the tokenizer's codebook: "
+                             "call attach_tokenizer or training_inputs")
         if self.config.mean_token_weight > 0:
-            if self.tokenizer is None:
-                raise ValueError("var-sr with mean_token_weight > 0 needs the tokenizer: call attach_tokenizer or "
-                                 "training_inputs")
             # What mean_tokens decoding adds at each position is the expected code vector; cross-entropy
             # only rewards the true code's probability, this term rewards mass on codes near it.
             embedding_VC = self.tokenizer.quantize.embedding.weight.detach().float()
@@ -499,8 +499,6 @@ class VARSR(SamplesThroughMSVQ, nn.Module):
             if not rest:
                 raise ValueError("var-sr with refiner: true needs the last scale's residual; the trainer gets it "
                                  "from VARSR.training_inputs")
-            if self.tokenizer is None:
-                raise ValueError("var-sr: the refiner needs the tokenizer: call attach_tokenizer or training_inputs")
             idx_Bl = logits_BLV[:, -self.last_l:].detach().argmax(dim=-1)
             target_BlCv = rest[0].float() - self.last_scale_embedding(idx_Bl).detach()
             z_BlC = self.refiner_condition(h_BlC, idx_Bl)
