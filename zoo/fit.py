@@ -44,6 +44,10 @@ def check_image_channels(fit: Fit) -> None:
     if channels is not None and takes not in (None, channels):
         raise FitError("tokenizer", f"takes {takes}-channel images but the dataset gives {channels}-channel images; "
                                     f"set tokenizer.channels={channels}")
+    inverts, served = fit.tokenizer.get("resize"), fit.data.get("resize")
+    if inverts is not None and served is not None and inverts != served:
+        raise FitError("tokenizer.resize", f"{inverts!r} upsampling is what the tokenizer inverts, but the dataset "
+                                           f"serves its images with {served!r}; set tokenizer.resize={served}")
 
 
 def check_latent_fit(config, fit: Fit, channels_key: str, size_key: str, classes_key: str = "num_classes") -> None:

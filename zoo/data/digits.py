@@ -110,7 +110,7 @@ class DigitsDataset(ImageDataset):
 
     @classmethod
     def describe(cls, config: DigitsConfig) -> dict:
-        return {"image_size": config.image_size, "channels": 1, "num_classes": 10}
+        return {"image_size": config.image_size, "channels": 1, "num_classes": 10, "resize": config.resize}
 
     def __init__(self, config: DigitsConfig | None = None):
         super().__init__()
