@@ -123,7 +123,7 @@ class SampleConfig:
     self_ensemble: int = 1  # VAR-SR (zoo-upscale): average over 1, 2, 4 or 8 flipped/rotated copies
     num_iter: int = 64  # MAR: unmasking iterations
     cfg_schedule: str = "linear"  # MAR: guidance rising with the unmasked fraction, or constant
-    temperature: float = 1.0  # MAR: temperature of the per-token diffusion sampler
+    temperature: float = 1.0  # MAR, VAR-SR's refiner: noise scale of the per-token diffusion sampler
 
     CHOICES = {"cfg_schedule": ("linear", "constant")}
 
@@ -132,8 +132,9 @@ class SampleConfig:
             raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in [0, 1] (0 disables it), got {self.top_p}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0: a diffusion head's or refiner's noise-free path), "
+                              f"got {self.temperature}")
         if self.self_ensemble not in (1, 2, 4, 8):
             raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8 (flips, then rotations), got {self.self_ensemble}")
         if self.tile_overlap is not None and self.tile_overlap < 0:
