@@ -39,7 +39,8 @@ class Fit:
 
 
 def check_image_channels(fit: Fit) -> None:
-    """The tokenizer reads the dataset's images."""
+    """The tokenizer reads the dataset's images: their channels, and (a pixel tokenizer with
+    ``downsample``) the upsampling that served them."""
     channels, takes = fit.data.get("channels"), fit.tokenizer.get("image_channels")
     if channels is not None and takes not in (None, channels):
         raise FitError("tokenizer", f"takes {takes}-channel images but the dataset gives {channels}-channel images; "

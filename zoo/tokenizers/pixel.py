@@ -33,11 +33,16 @@ class PixelConfig:
     CHOICES = {"channels": (1, 3, 4), "downsample": (1, 2, 4), "resize": ("bilinear", "nearest", "bicubic")}
 
 
-def interpolation_matrix(size: int, factor: int, mode: str) -> torch.Tensor:
-    """The (size·factor, size) matrix of 1-D ``interpolate`` by ``factor`` (``align_corners=False``), float64."""
-    basis = torch.eye(size, dtype=torch.float64).reshape(size, 1, 1, size)
+def upsample(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``interpolate`` to ``size`` as the digits dataset resizes (``align_corners=False`` where it applies)."""
     kwargs = {} if mode == "nearest" else {"align_corners": False}
-    columns = F.interpolate(basis, size=(1, size * factor), mode=mode, **kwargs)  # (size, 1, 1, size·factor)
+    return F.interpolate(x, size=size, mode=mode, **kwargs)
+
+
+def interpolation_matrix(size: int, factor: int, mode: str) -> torch.Tensor:
+    """The (size·factor, size) matrix of 1-D :func:`upsample` by ``factor``, float64."""
+    basis = torch.eye(size, dtype=torch.float64).reshape(size, 1, 1, size)
+    columns = upsample(basis, (1, size * factor), mode)  # (size, 1, 1, size·factor)
     return columns.reshape(size, size * factor).T.contiguous()
 
 
@@ -85,8 +90,7 @@ class PixelTokenizer(Tokenizer):
         s = self.downsample
         if s == 1:
             return z
-        kwargs = {} if self.config.resize == "nearest" else {"align_corners": False}
-        return F.interpolate(z, scale_factor=s, mode=self.config.resize, **kwargs)
+        return upsample(z, (z.shape[-2] * s, z.shape[-1] * s), self.config.resize)
 
 
 __all__ = ["PixelConfig", "PixelTokenizer", "interpolation_matrix"]
