@@ -54,6 +54,13 @@ def test_wrong_type_names_the_key(tiny_recipe_file):
         load_recipe(tiny_recipe_file, ["train.batch_size=many"])
 
 
+def test_negative_sample_counts_are_refused_by_name(tiny_recipe_file):
+    with pytest.raises(ConfigError, match=r"back_projection must be >= 0 steps \(0 = off\), got -1"):
+        load_recipe(tiny_recipe_file, ["sample.back_projection=-1"])
+    with pytest.raises(ConfigError, match=r"tile_overlap must be >= 0"):
+        load_recipe(tiny_recipe_file, ["sample.tile_overlap=-2"])
+
+
 def test_value_outside_choices_lists_the_choices(tiny_recipe_file):
     with pytest.raises(ConfigError, match=r"train\.lr_schedule: 'cosin' is not allowed; choose one of "
                                           r"\['constant', 'cosine'\]; did you mean 'cosine'"):

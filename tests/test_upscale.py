@@ -174,3 +174,61 @@ def test_eval_photos_uses_the_validation_photographs(model_dir, tmp_path, monkey
     out = capsys.readouterr().out
     assert "chelsea: 24x24" in out and "clock: 24x24" in out and "mean over 2 images" in out
     assert (tmp_path / "upscale_eval.png").is_file()  # the default crop grid
+
+
+def test_bicubic_downscale_is_the_datas_degradation_without_its_rounding():
+    from zoo.data.photos import degrade, photo
+    from zoo.upscale import bicubic_downscale
+
+    hr = np.ascontiguousarray(photo("chelsea")[:64, :96])
+    lr = torch.from_numpy(np.array(degrade(Image.fromarray(hr), 4, "bicubic"))).permute(2, 0, 1) / 127.5 - 1
+    ours = bicubic_downscale(torch.from_numpy(hr).permute(2, 0, 1) / 127.5 - 1, 4)
+    assert ours.shape == lr.shape == (3, 16, 24)
+    assert (ours - lr).abs().max() <= 1.0 / 127.5  # PIL rounds each of its two passes to uint8
+
+
+def test_back_projection_makes_the_result_agree_with_its_input():
+    from zoo.data.photos import photo
+    from zoo.upscale import back_project, bicubic_downscale
+
+    hr = torch.from_numpy(np.ascontiguousarray(photo("astronaut")[100:164, 200:280])).permute(2, 0, 1) / 127.5 - 1
+    lr = bicubic_downscale(hr, 4)
+    start = bicubic_upsample(lr[None], (64, 80))[0]
+    errors = [(bicubic_downscale(back_project(start, lr, 4, k), 4) - lr).abs().mean() for k in range(3)]
+    assert errors[1] < 0.5 * errors[0] and errors[2] < errors[1]
+    assert torch.equal(back_project(start, lr, 4, 0), start)
+    # An image that already agrees with its LR (away from the clamp) hardly moves.
+    agreed = (hr * 0.5)
+    torch.testing.assert_close(back_project(agreed, bicubic_downscale(agreed, 4), 4, 2), agreed, atol=1e-4, rtol=0)
+    # And it moves towards the truth: closer to the HR image than bicubic upsampling was.
+    assert (back_project(start, lr, 4, 2) - hr).pow(2).mean() < (start - hr).pow(2).mean()
+    with pytest.raises(ValueError, match=r"times 4 on each side"):
+        back_project(start[:, :-4], lr, 4, 1)
+
+
+def test_upscale_back_projects_after_the_views_and_eval_reports_what_it_alone_gives(model_dir, tmp_path, capsys):
+    from zoo.upscale import back_project
+
+    lr = torch.rand(1, 9, 12) * 2 - 1
+
+    def nearest(tiles):
+        return tiles.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+
+    plain = _Fixed(nearest).upscale(lr, overlap=0, ensemble=1)
+    projected = _Fixed(nearest).upscale(lr, overlap=0, ensemble=1, back_projection=2)
+    torch.testing.assert_close(projected, back_project(plain, lr, 2, 2))
+    defaults = type("S", (), {"tile_overlap": 0, "self_ensemble": 1, "back_projection": 2})()
+    torch.testing.assert_close(_Fixed(nearest, defaults).upscale(lr), projected)  # the recipe's default
+    with pytest.raises(ValueError, match="back-projection -1"):
+        _Fixed(nearest).upscale(lr, back_projection=-1)
+    folder = tmp_path / "hr"
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(folder / "a.png")
+    assert main([model_dir, "--eval", str(folder), "--grid", "", "--back-project", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bicubic + back-projection PSNR" in out and out.count("bicubic + back-projection") == 2  # image, mean
+    assert '"backprojected_psnr"' in out
+    assert main([model_dir, "--eval", str(folder), "--grid", ""]) == 0  # the test recipe has none: no such row
+    assert "back-projection" not in capsys.readouterr().out
+    assert main([model_dir, "--eval", str(folder), "--back-project", "-1"]) == 2
+    assert "back-projection -1" in capsys.readouterr().err

@@ -250,7 +250,7 @@ def measure_sr(args) -> dict:
     model = SRModel(pipe, scale, side // scale, data.channels)
     lr = torch.rand(data.channels, args.sr_side, args.sr_side) * 2 - 1
     sampling = {k: getattr(recipe.sample, k) for k in ("cfg_scale", "top_k", "top_p", "temperature", "mean_tokens",
-                                                        "refine", "tile_overlap", "self_ensemble")}
+                                                        "refine", "tile_overlap", "self_ensemble", "back_projection")}
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         out = model.upscale(lr, seed=0, batch_size=args.sample_batch or 64)

@@ -121,6 +121,7 @@ class SampleConfig:
     refine: bool = True  # VAR-SR: run the diffusion refiner (when the model has one)
     tile_overlap: int | None = None  # VAR-SR (zoo-upscale): LR tile overlap in pixels; None: a quarter tile
     self_ensemble: int = 1  # VAR-SR (zoo-upscale): average over 1, 2, 4 or 8 flipped/rotated copies
+    back_projection: int = 0  # VAR-SR (zoo-upscale): steps of back-projection onto the LR image (0 = off)
     num_iter: int = 64  # MAR: unmasking iterations
     cfg_schedule: str = "linear"  # MAR: guidance rising with the unmasked fraction, or constant
     temperature: float = 1.0  # MAR, VAR-SR's refiner: noise scale of the per-token diffusion sampler
@@ -137,6 +138,8 @@ class SampleConfig:
                               f"got {self.temperature}")
         if self.self_ensemble not in (1, 2, 4, 8):
             raise ConfigError(f"self_ensemble must be 1, 2, 4 or 8 (flips, then rotations), got {self.self_ensemble}")
+        if self.back_projection < 0:
+            raise ConfigError(f"back_projection must be >= 0 steps (0 = off), got {self.back_projection}")
         if self.tile_overlap is not None and self.tile_overlap < 0:
             raise ConfigError(f"tile_overlap must be >= 0 (or null for a quarter tile), got {self.tile_overlap}")
         for name in ("steps", "num", "batch_size", "num_iter"):

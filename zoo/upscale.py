@@ -18,14 +18,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from zoo.data.photos import bicubic_upsample, degrade
 from zoo.data.transforms import to_tensor_pm1, to_uint8
 from zoo.progress import progress_bar
 
-__all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "SRModel", "read_image", "upscale_file",
-           "psnr_ssim", "evaluate_folder", "mean_scores", "detail_window", "crop_grid"]
+__all__ = ["upscale_tiled", "tile_starts", "blend_window", "dihedral", "bicubic_downscale", "back_project", "SRModel",
+           "read_image", "upscale_file", "psnr_ssim", "evaluate_folder", "mean_scores", "detail_window", "crop_grid"]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -83,6 +84,34 @@ def upscale_tiled(upscale_fn: Callable[[torch.Tensor], torch.Tensor], lr_CHW: to
     return (out / total)[:, :h * scale, :w * scale]
 
 
+def bicubic_downscale(image_CHW: torch.Tensor, scale: int) -> torch.Tensor:
+    """(C, H, W) -> (C, H // scale, W // scale) by PIL's bicubic resize (antialiased: the kernel widened
+    ``scale`` times) on float channels: the operator ``degrade(..., "bicubic")`` applies to the ``photos``
+    data and ``--eval`` images, without its rounding to uint8."""
+    size = (max(1, image_CHW.shape[-1] // scale), max(1, image_CHW.shape[-2] // scale))
+    channels = [np.asarray(Image.fromarray(c.numpy()).resize(size, resample=Image.BICUBIC))
+                for c in image_CHW.detach().float().cpu()]
+    return torch.from_numpy(np.stack(channels)).to(image_CHW.device)
+
+
+def back_project(sr_CHW: torch.Tensor, lr_CHW: torch.Tensor, scale: int, steps: int) -> torch.Tensor:
+    """Iterative back-projection (Irani & Peleg, 1991): ``steps`` times x <- x + up(lr - down(x)), down
+    being :func:`bicubic_downscale` (the degradation the recipes train on) and up bicubic upsampling;
+    the result's own downscale moves towards the LR image it was made from. Returns (C, H, W) in [-1, 1].
+    Only right when ``lr_CHW`` came from a bicubic downscale: on other degradations it re-imposes them."""
+    if steps < 0:
+        raise ValueError(f"back-projection steps must be >= 0, got {steps}")
+    expected = (lr_CHW.shape[-2] * scale, lr_CHW.shape[-1] * scale)
+    if tuple(sr_CHW.shape[-2:]) != expected or sr_CHW.shape[0] != lr_CHW.shape[0]:
+        raise ValueError(f"back_project: the upscaled image {tuple(sr_CHW.shape)} must be the LR image "
+                         f"{tuple(lr_CHW.shape)} times {scale} on each side, with as many channels")
+    x, lr = sr_CHW.float(), lr_CHW.float().to(sr_CHW.device)
+    for _ in range(steps):
+        error = lr - bicubic_downscale(x, scale)
+        x = x + F.interpolate(error[None], size=expected, mode="bicubic", align_corners=False)[0]
+    return x.clamp(-1, 1)
+
+
 @dataclasses.dataclass
 class SRModel:
     """A loaded VAR-SR pipeline and its patch geometry (from the model directory's config)."""
@@ -111,12 +140,22 @@ class SRModel:
             return self.pipe.generate({"lr": tiles}, seed=seed, batch_size=batch_size, **sampling)
         return run
 
+    def back_projection_steps(self, back_projection: int | None = None) -> int:
+        """``back_projection``, or the recipe's ``sample.back_projection`` when None (0 if it has none)."""
+        if back_projection is None:
+            back_projection = getattr(self.pipe.sample_config, "back_projection", 0)
+        if back_projection < 0:
+            raise ValueError(f"back-projection {back_projection}: give a number of steps >= 0 (0 = off)")
+        return back_projection
+
     def upscale(self, lr_CHW: torch.Tensor, *, overlap: int | None = None, ensemble: int | None = None, seed: int = 0,
-                batch_size: int = 16, **sampling) -> torch.Tensor:
-        """(C, h, w) in [-1, 1] -> (C, h·scale, w·scale), tiled with ``overlap`` LR pixels and averaged
-        over ``ensemble`` flipped/rotated copies of the image (:func:`dihedral`); both default to the
-        recipe's ``sample.tile_overlap`` (None: a quarter tile) and ``sample.self_ensemble``."""
+                batch_size: int = 16, back_projection: int | None = None, **sampling) -> torch.Tensor:
+        """(C, h, w) in [-1, 1] -> (C, h·scale, w·scale), tiled with ``overlap`` LR pixels, averaged
+        over ``ensemble`` flipped/rotated copies of the image (:func:`dihedral`), then ``back_projection``
+        steps of :func:`back_project`; they default to the recipe's ``sample.tile_overlap`` (None: a
+        quarter tile), ``sample.self_ensemble`` and ``sample.back_projection``."""
         defaults = self.pipe.sample_config
+        steps = self.back_projection_steps(back_projection)
         if overlap is None:
             overlap = getattr(defaults, "tile_overlap", None)
             overlap = self.tile // 4 if overlap is None else overlap
@@ -134,7 +173,7 @@ class SRModel:
                                    on_batch=bar.update)
                 sr = dihedral(sr, k, inverse=True)
                 total = sr if total is None else total + sr
-        return total / ensemble
+        return back_project(total / ensemble, lr_CHW, self.scale, steps) if steps else total / ensemble
 
 
 ENSEMBLE_SIZES = (1, 2, 4, 8)
@@ -178,7 +217,8 @@ def read_image(path: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
 
 
 def upscale_file(model: SRModel, path: str, out: str, *, overlap: int | None = None, ensemble: int | None = None,
-                 seed: int = 0, batch_size: int = 16, **sampling) -> tuple[int, int]:
+                 seed: int = 0, batch_size: int = 16, back_projection: int | None = None,
+                 **sampling) -> tuple[int, int]:
     """Upscale the image at ``path`` into ``out`` (PNG; grey stays grey, alpha is kept); returns (width, height)."""
     from zoo.io import atomic_write
 
@@ -186,7 +226,8 @@ def upscale_file(model: SRModel, path: str, out: str, *, overlap: int | None = N
     lr = to_tensor_pm1(rgb)
     if model.channels == 1:
         lr = lr.mean(dim=0, keepdim=True)
-    sr = model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size, **sampling)
+    sr = model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size,
+                       back_projection=back_projection, **sampling)
     result = Image.fromarray(to_uint8(sr[None])[0].squeeze(-1) if model.channels == 1 else to_uint8(sr[None])[0])
     if grey and model.channels == 3:
         result = result.convert("L")
@@ -215,13 +256,17 @@ VALIDATION_PHOTOS = "photos"  # --eval photos: the ``photos`` dataset's validati
 
 def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int | None = None,
                     ensemble: int | None = None, seed: int = 0, batch_size: int = 16,
-                    on_image: Callable[[str, dict], None] | None = None, **sampling) -> list[dict]:
+                    back_projection: int | None = None, on_image: Callable[[str, dict], None] | None = None,
+                    **sampling) -> list[dict]:
     """For each image of ``hr_dir``: LR by bicubic downscaling (as the ``photos`` data), then PSNR/SSIM
-    of the model's and of bicubic upsampling's results against the HR image. ``hr_dir`` ``"photos"``
+    of the model's and of bicubic upsampling's results against the HR image; when the model's results
+    are back-projected (``back_projection`` steps, default the recipe's), also of bicubic upsampling
+    back-projected as many steps (``backprojected_psnr``/``_ssim``: what that step alone gives). ``hr_dir`` ``"photos"``
     (when no such folder exists) means the ``photos`` dataset's validation photographs (chelsea and
     clock, from scikit-image). ``crop`` > 0 first centre-crops each HR image to at most crop x crop
     pixels (a faster check on a CPU). ``on_image(name, images)`` receives each image's uint8 HWC
     ``lr``, ``bicubic``, ``model`` and ``hr`` arrays (what :func:`crop_grid` shows)."""
+    steps = model.back_projection_steps(back_projection)
     rows = []
     for name, rgb in progress_bar(list(_hr_images(hr_dir)), desc="evaluating", unit="image"):
         if crop:
@@ -232,14 +277,20 @@ def evaluate_folder(model: SRModel, hr_dir: str, *, crop: int = 0, overlap: int 
         lr_image = np.asarray(degrade(Image.fromarray(hr), model.scale, "bicubic"))
         lr = to_tensor_pm1(lr_image)
         sr = to_uint8(model.upscale(lr, overlap=overlap, ensemble=ensemble, seed=seed, batch_size=batch_size,
-                                     **sampling)[None])[0]
-        bicubic = to_uint8(bicubic_upsample(lr[None], (h, w)))[0]
+                                     back_projection=steps, **sampling)[None])[0]
+        bicubic_float = bicubic_upsample(lr[None], (h, w))[0]
+        bicubic = to_uint8(bicubic_float[None])[0]
         model_psnr, model_ssim = psnr_ssim(sr, hr)
         base_psnr, base_ssim = psnr_ssim(bicubic, hr)
         if on_image is not None:
             on_image(name, {"lr": lr_image, "bicubic": bicubic, "model": sr, "hr": hr})
-        rows.append({"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
-                     "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim})
+        row = {"image": name, "size": [w, h], "psnr": model_psnr, "ssim": model_ssim,
+               "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim}
+        if steps:
+            projected = to_uint8(back_project(bicubic_float, lr, model.scale, steps)[None])[0]
+            row["backprojected_psnr"], row["backprojected_ssim"] = psnr_ssim(projected, hr)
+            row["back_projection"] = steps
+        rows.append(row)
     return rows
 
 
@@ -281,12 +332,12 @@ def crop_grid(images: list[tuple[str, dict]], path: str, *, scale: int, side: in
     return path
 
 
-SCORE_KEYS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+SCORE_KEYS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "backprojected_psnr", "backprojected_ssim")
 
 
 def mean_scores(rows: list[dict]) -> dict:
-    """The mean of each of :data:`SCORE_KEYS` over :func:`evaluate_folder`'s rows."""
-    return {key: sum(row[key] for row in rows) / len(rows) for key in SCORE_KEYS}
+    """The mean of each of :data:`SCORE_KEYS` that every one of :func:`evaluate_folder`'s rows has."""
+    return {key: sum(row[key] for row in rows) / len(rows) for key in SCORE_KEYS if all(key in row for row in rows)}
 
 
 def _hr_images(hr_dir: str):

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "else a quarter tile)")
     p.add_argument("--ensemble", type=int, default=None, choices=(1, 2, 4, 8),
                    help="average over this many flipped/rotated copies (default: the recipe's sample.self_ensemble)")
+    p.add_argument("--back-project", dest="back_projection", type=int, default=None, metavar="STEPS",
+                   help="steps of back-projection onto the input (the result's bicubic downscale made equal to "
+                        "it; right for bicubic-downscaled inputs; 0 = off; default: the recipe's "
+                        "sample.back_projection)")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per model call (bounds memory)")
     p.add_argument("--eval", dest="eval_dir", default=None, metavar="HR_DIR",
                    help="print PSNR and SSIM of the model and of bicubic upsampling against the HR images of this "
@@ -77,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         sampling = {k: v for k, v in dict(cfg_scale=args.cfg_scale, top_k=args.top_k, top_p=args.top_p,
                                           mean_tokens=args.mean_tokens, temperature=args.temperature,
                                           refine=args.refiner).items() if v is not None}
+        model.back_projection_steps(args.back_projection)  # a bad --back-project stops before any work
         common = dict(overlap=args.overlap, ensemble=args.ensemble, seed=args.seed, batch_size=args.batch_size,
-                      **sampling)
+                      back_projection=args.back_projection, **sampling)
         if args.input is not None:
             width, height = upscale_file(model, args.input, args.out, **common)
             print(f"wrote {args.out} ({width}x{height}, x{model.scale})")
@@ -87,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             rows = evaluate_folder(model, args.eval_dir, crop=args.crop,
                                    on_image=(lambda name, arrays: shown.append((name, arrays))) if args.grid else None,
                                    **common)
+            def scores(row: dict) -> str:
+                text = (f"model PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  |  bicubic PSNR "
+                        f"{row['bicubic_psnr']:.2f} dB  SSIM {row['bicubic_ssim']:.4f}")
+                if "backprojected_psnr" in row:  # what back-projection alone does, to bicubic
+                    text += (f"  |  bicubic + back-projection PSNR {row['backprojected_psnr']:.2f} dB  "
+                             f"SSIM {row['backprojected_ssim']:.4f}")
+                return text
+
             for row in rows:
-                print(f"{row['image']}: {row['size'][0]}x{row['size'][1]}  model PSNR {row['psnr']:.2f} dB  "
-                      f"SSIM {row['ssim']:.4f}  |  bicubic PSNR {row['bicubic_psnr']:.2f} dB  "
-                      f"SSIM {row['bicubic_ssim']:.4f}")
+                print(f"{row['image']}: {row['size'][0]}x{row['size'][1]}  {scores(row)}")
             mean = mean_scores(rows)
-            print(f"mean over {len(rows)} images: model PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}  |  "
-                  f"bicubic PSNR {mean['bicubic_psnr']:.2f} dB  SSIM {mean['bicubic_ssim']:.4f}")
+            print(f"mean over {len(rows)} images: {scores(mean)}")
             if args.grid:
                 print(f"crop grid (LR, bicubic, zoo, HR): {crop_grid(shown, args.grid, scale=model.scale)}")
             print(json.dumps({"images": rows, "mean": mean}))

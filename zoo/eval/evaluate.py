@@ -252,7 +252,7 @@ def evaluate_sr_dir(model_dir: str | os.PathLike, *, weights: str = "ema", devic
     mean = mean_scores(rows)
     return {"model_dir": str(model_dir), "weights": weights, "hr_images": hr, "scale": model.scale,
             **{key: value for key, value in mean.items()
-               if key.removeprefix("bicubic_") in (metrics or TOKENIZER_METRICS)},
+               if key.rsplit("_", 1)[-1] in (metrics or TOKENIZER_METRICS)},
             "images": rows}
 
 
