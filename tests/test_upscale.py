@@ -232,3 +232,7 @@ def test_upscale_back_projects_after_the_views_and_eval_reports_what_it_alone_gi
     assert "back-projection" not in capsys.readouterr().out
     assert main([model_dir, "--eval", str(folder), "--back-project", "-1"]) == 2
     assert "back-projection -1" in capsys.readouterr().err
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (7, 13), dtype=np.uint8)).save(tmp_path / "grey.png")
+    assert main([model_dir, str(tmp_path / "grey.png"), "--out", str(tmp_path / "o.png"), "--back-project", "3"]) == 0
+    with Image.open(tmp_path / "o.png") as out:  # odd sizes, smaller than a tile, grey: still x4 and grey
+        assert out.size == (52, 28) and out.mode == "L"
