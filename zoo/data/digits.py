@@ -74,11 +74,17 @@ def split_indices(split: str) -> np.ndarray:
     raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
 
 
+def interpolate(images: torch.Tensor, size: tuple[int, int], resize: str = "bilinear") -> torch.Tensor:
+    """``F.interpolate`` to ``size`` with mode ``resize``, ``align_corners=False`` where it applies: the
+    digits dataset's upsampling (the pixel tokenizer inverts it), unclamped."""
+    kwargs = {} if resize == "nearest" else {"align_corners": False}
+    return F.interpolate(images, size=size, mode=resize, **kwargs)
+
+
 def resize_pm1(images: torch.Tensor, image_size: int, resize: str = "bilinear") -> torch.Tensor:
     """Resize ``(N, C, h, w)`` images in ``[-1, 1]`` to ``image_size`` the way the digits dataset does."""
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
-        kwargs = {} if resize == "nearest" else {"align_corners": False}
-        images = F.interpolate(images, size=(image_size, image_size), mode=resize, **kwargs)
+        images = interpolate(images, (image_size, image_size), resize)
     return images.clamp(-1.0, 1.0)
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
+from zoo.data.digits import interpolate as upsample
 from zoo.registry import register_tokenizer
 from zoo.tokenizers.base import Tokenizer
 
@@ -31,12 +31,6 @@ class PixelConfig:
     resize: str = "bilinear"  # the upsampling that decode applies (the digits dataset's ``resize``)
 
     CHOICES = {"channels": (1, 3, 4), "downsample": (1, 2, 4), "resize": ("bilinear", "nearest", "bicubic")}
-
-
-def upsample(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """``interpolate`` to ``size`` as the digits dataset resizes (``align_corners=False`` where it applies)."""
-    kwargs = {} if mode == "nearest" else {"align_corners": False}
-    return F.interpolate(x, size=size, mode=mode, **kwargs)
 
 
 def interpolation_matrix(size: int, factor: int, mode: str) -> torch.Tensor:
